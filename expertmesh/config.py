@@ -1,0 +1,230 @@
+"""The mesh configuration: one file, modelled once, used by every process.
+
+The file is YAML or JSON. It accepts the original system's JSON shape unchanged
+(``{"experts": [{"expert_id", "model_path", "domain", "quantization", "dtype",
+"max_model_len", ...}]}``) and adds mesh-level settings with defaults.
+
+Which file is used is decided by :func:`resolve_config_path`; the choice and its reason
+are always reported, and a missing file is an error, never a silent fallback.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+#: Environment variables that name the config file, highest precedence first.
+CONFIG_ENV_VARS = ("EXPERTMESH_CONFIG", "VLLM_CONFIG_PATH")
+#: The config used when neither the flag nor an environment variable names one.
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
+
+
+class ConfigError(Exception):
+    """The mesh config cannot be used; the message names the file and the problem."""
+
+
+class _Strict(BaseModel):
+    # Unknown keys are errors: the original server silently ignored what it did not know.
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ExpertConfig(_Strict):
+    """One expert: one process, one vLLM engine, one model."""
+
+    expert_id: str = Field(pattern=r"^[A-Za-z0-9_.-]+$", description="Unique id, used to pin requests.")
+    model_path: str = Field(description="Model directory (or hub id on a host that can reach a hub).")
+    domain: str = Field(description="Requests for this domain are routed here.")
+    description: str = ""
+    quantization: str | None = Field(default=None, description="vLLM quantization method, e.g. awq.")
+    dtype: str = Field(default="auto", description="auto, float32, float16 or bfloat16.")
+    max_model_len: int | None = Field(default=None, gt=0, description="Context length; None = model's own.")
+    tokenizer: str | None = None
+    trust_remote_code: bool = False
+    max_num_seqs: int | None = Field(default=None, gt=0)
+    gpu_memory_utilization: float | None = Field(default=None, gt=0, le=1)
+    kv_cache_space_gib: int | None = Field(
+        default=None, gt=0, description="CPU hosts: KV cache size (sets VLLM_CPU_KVCACHE_SPACE)."
+    )
+    tensor_parallel_size: int = Field(default=1, gt=0)
+    enforce_eager: bool | None = None
+    seed: int = 0
+    chat_template: str | None = Field(default=None, description="Jinja template for models without one.")
+    engine_args: dict[str, Any] = Field(
+        default_factory=dict, description="Further vllm AsyncEngineArgs fields, passed as given."
+    )
+    host: str = Field(default="127.0.0.1", description="Interface the expert listens on.")
+    port: int | None = Field(default=None, ge=0, le=65535, description="Listen port; None = assigned.")
+    address: str | None = Field(default=None, description="host:port the gateway dials; default host:port.")
+
+    @field_validator("dtype")
+    @classmethod
+    def _known_dtype(cls, value: str) -> str:
+        allowed = {"auto", "float32", "float16", "bfloat16", "half", "float"}
+        if value not in allowed:
+            raise ValueError(f"dtype {value!r} is not one of {sorted(allowed)}")
+        return value
+
+
+class GatewayConfig(_Strict):
+    """Where the gateway listens."""
+
+    host: str = "0.0.0.0"
+    port: int = Field(default=8080, ge=0, le=65535)
+
+
+class MeshConfig(_Strict):
+    """The whole mesh: gateway settings and the experts behind it."""
+
+    default_domain: str | None = Field(
+        default=None, description="Domain for requests that name none; default: the first expert's."
+    )
+    gateway: GatewayConfig = GatewayConfig()
+    expert_base_port: int = Field(default=50051, gt=0, le=65535, description="First port for experts without one.")
+    grace_period_s: float = Field(default=10.0, ge=0, description="Time allowed for graceful shutdown.")
+    experts: list[ExpertConfig] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> MeshConfig:
+        ids = [e.expert_id for e in self.experts]
+        dupes = sorted({i for i in ids if ids.count(i) > 1})
+        if dupes:
+            raise ValueError(f"duplicate expert_id: {', '.join(dupes)}")
+        ports = [p for p in (self.expert_port(i) for i in range(len(self.experts))) if p]
+        dupe_ports = sorted({p for p in ports if ports.count(p) > 1})
+        if dupe_ports:
+            raise ValueError(f"duplicate expert port: {', '.join(map(str, dupe_ports))}")
+        if self.default_domain is not None and self.default_domain not in self.domains():
+            raise ValueError(
+                f"default_domain {self.default_domain!r} has no expert (domains: {', '.join(self.domains())})"
+            )
+        return self
+
+    def domains(self) -> list[str]:
+        """Configured domains in first-seen order."""
+        return list(dict.fromkeys(e.domain for e in self.experts))
+
+    def effective_default_domain(self) -> str:
+        """The domain used when a request names none."""
+        return self.default_domain or self.experts[0].domain
+
+    def expert(self, expert_id: str) -> ExpertConfig:
+        """The expert with this id; KeyError when none."""
+        for e in self.experts:
+            if e.expert_id == expert_id:
+                return e
+        raise KeyError(expert_id)
+
+    def expert_port(self, index: int) -> int:
+        """Listen port of the expert at ``index``: its own, else base port + index."""
+        port = self.experts[index].port
+        return self.expert_base_port + index if port is None else port
+
+    def expert_address(self, index: int) -> str:
+        """The ``host:port`` the gateway dials for the expert at ``index``."""
+        e = self.experts[index]
+        if e.address:
+            return e.address
+        host = "127.0.0.1" if e.host in ("0.0.0.0", "::", "") else e.host
+        return f"{host}:{self.expert_port(index)}"
+
+
+@dataclass(frozen=True)
+class ConfigSource:
+    """Which file was chosen and why (``--config``, an environment variable, or the default)."""
+
+    path: Path
+    reason: str
+
+    def describe(self) -> str:
+        """One line for logs: ``config: /path (from --config)``."""
+        return f"config: {self.path} (from {self.reason})"
+
+
+def resolve_config_path(flag: str | os.PathLike[str] | None = None, environ: dict[str, str] | None = None) -> ConfigSource:
+    """Pick the config file: ``--config`` > EXPERTMESH_CONFIG > VLLM_CONFIG_PATH > default."""
+    env = os.environ if environ is None else environ
+    if flag:
+        return ConfigSource(Path(flag), "--config")
+    for name in CONFIG_ENV_VARS:
+        if env.get(name):
+            return ConfigSource(Path(env[name]), name)
+    return ConfigSource(DEFAULT_CONFIG, "default")
+
+
+def _closest(key: str, choices: list[str]) -> str:
+    match = difflib.get_close_matches(key, choices, n=1)
+    return f" (did you mean {match[0]!r}?)" if match else ""
+
+
+def _format_validation_error(path: Path, err: ValidationError) -> str:
+    lines = [f"invalid config {path}:"]
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"])
+        if e["type"] == "extra_forbidden":
+            key = str(e["loc"][-1])
+            model: type[BaseModel] = MeshConfig
+            if len(e["loc"]) > 1 and e["loc"][0] == "experts":
+                model = ExpertConfig
+            elif len(e["loc"]) > 1 and e["loc"][0] == "gateway":
+                model = GatewayConfig
+            lines.append(f"  unknown key {loc!r}{_closest(key, list(model.model_fields))}")
+        else:
+            lines.append(f"  {loc or '(top level)'}: {e['msg']}")
+    return "\n".join(lines)
+
+
+def parse_config(text: str, path: Path) -> MeshConfig:
+    """Parse and validate config text; ``path`` names the file in errors and anchors relative paths."""
+    try:
+        if path.suffix.lower() == ".json":
+            data = json.loads(text)
+        else:
+            data = yaml.safe_load(text)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"invalid JSON in {path} at line {e.lineno} column {e.colno}: {e.msg}") from e
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1} column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"invalid YAML in {path}{where}: {getattr(e, 'problem', e)}") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"invalid config {path}: the top level must be a mapping with an 'experts' list")
+    try:
+        config = MeshConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_format_validation_error(path, e)) from e
+    return _anchor_paths(config, path.resolve().parent)
+
+
+def _anchor_paths(config: MeshConfig, base: Path) -> MeshConfig:
+    """Resolve relative model paths against the config file's folder, not the cwd.
+
+    A relative value that is neither ``./``-style nor an existing folder there is kept as
+    given, so hub ids (``org/name``) still reach vLLM on hosts that can download.
+    """
+    experts = []
+    for e in config.experts:
+        given = Path(e.model_path).expanduser()
+        anchored = given if given.is_absolute() else base / given
+        if given.is_absolute() or e.model_path.startswith((".", "~")) or anchored.exists():
+            e = e.model_copy(update={"model_path": str(anchored.resolve())})
+        experts.append(e)
+    return config.model_copy(update={"experts": experts})
+
+
+def load_config(source: ConfigSource | str | os.PathLike[str]) -> MeshConfig:
+    """Read and validate a mesh config file; raises :class:`ConfigError` naming the file."""
+    path = source.path if isinstance(source, ConfigSource) else Path(source)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except OSError as e:
+        raise ConfigError(f"config file {path} cannot be read: {e.strerror or e}") from None
+    return parse_config(text, path)

@@ -1,0 +1,124 @@
+"""The one table that maps causes to gRPC status codes, and the decorator that applies it.
+
+Every servicer method (unary or server-streaming) is wrapped with :func:`grpc_errors`, so a
+known cause always reaches the caller as a precise code with a message that names it, and
+the process keeps serving. INTERNAL is reserved for the truly unexpected, and even then the
+message carries the exception's type and text.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import inspect
+import logging
+from collections.abc import AsyncIterator, Callable
+from typing import Any, TypeVar
+
+import grpc
+
+log = logging.getLogger(__name__)
+
+
+class MeshError(Exception):
+    """Base of expertmesh's own errors; ``code`` is the gRPC status it maps to."""
+
+    code = grpc.StatusCode.INTERNAL
+
+
+class InvalidRequest(MeshError):
+    """A request field is missing, malformed or out of range."""
+
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+
+class NotFound(MeshError):
+    """A named expert or domain does not exist."""
+
+    code = grpc.StatusCode.NOT_FOUND
+
+
+class Unavailable(MeshError):
+    """The engine is loading, dead or shutting down; a caller may retry elsewhere."""
+
+    code = grpc.StatusCode.UNAVAILABLE
+
+
+class ResourceExhausted(MeshError):
+    """A queue or memory limit was hit."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class Unimplemented(MeshError):
+    """The request asks for a feature this expert does not support."""
+
+    code = grpc.StatusCode.UNIMPLEMENTED
+
+
+# Causes raised by libraries, by fully qualified class name so that the gateway can share
+# this table without importing vLLM. Matched against the exception's MRO, first hit wins.
+_BY_CLASS_NAME: dict[str, grpc.StatusCode] = {
+    "vllm.exceptions.VLLMValidationError": grpc.StatusCode.INVALID_ARGUMENT,
+    "vllm.exceptions.VLLMNotFoundError": grpc.StatusCode.NOT_FOUND,
+    "vllm.exceptions.VLLMClientError": grpc.StatusCode.INVALID_ARGUMENT,
+    "vllm.v1.engine.exceptions.EngineDeadError": grpc.StatusCode.UNAVAILABLE,
+    "vllm.v1.engine.exceptions.EngineGenerateError": grpc.StatusCode.UNAVAILABLE,
+    "builtins.TimeoutError": grpc.StatusCode.DEADLINE_EXCEEDED,
+    "builtins.MemoryError": grpc.StatusCode.RESOURCE_EXHAUSTED,
+    "builtins.NotImplementedError": grpc.StatusCode.UNIMPLEMENTED,
+}
+
+
+def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
+    """The status code and message a caller sees for ``exc``."""
+    if isinstance(exc, MeshError):
+        return exc.code, str(exc)
+    if isinstance(exc, grpc.aio.AioRpcError):
+        # An upstream call failed: pass its code and message through unchanged.
+        return exc.code(), exc.details() or exc.code().name
+    for cls in type(exc).__mro__:
+        code = _BY_CLASS_NAME.get(f"{cls.__module__}.{cls.__qualname__}")
+        if code is not None:
+            cause = exc.__cause__
+            text = str(exc) or (f"{type(cause).__name__}: {cause}" if cause else type(exc).__name__)
+            return code, text
+    return grpc.StatusCode.INTERNAL, f"unexpected {type(exc).__name__}: {exc}"
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def grpc_errors(handler: F) -> F:
+    """Wrap a grpc.aio handler (coroutine or async generator) so errors become statuses."""
+
+    async def fail(context: grpc.aio.ServicerContext, exc: Exception) -> None:
+        code, message = status_for(exc)
+        if code == grpc.StatusCode.INTERNAL:
+            log.exception("unexpected error in %s", handler.__qualname__)
+        await context.abort(code, message)
+
+    if inspect.isasyncgenfunction(handler):
+
+        @functools.wraps(handler)
+        async def stream(self: Any, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            try:
+                async for item in handler(self, request, context):
+                    yield item
+            except (asyncio.CancelledError, grpc.aio.AbortError):
+                raise
+            except Exception as exc:  # noqa: BLE001 - mapped by the table above
+                await fail(context, exc)
+
+        return stream  # type: ignore[return-value]
+
+    @functools.wraps(handler)
+    async def unary(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            return await handler(self, request, context)
+        except (asyncio.CancelledError, grpc.aio.AbortError):
+            raise
+        except Exception as exc:  # noqa: BLE001 - mapped by the table above
+            await fail(context, exc)
+
+    return unary  # type: ignore[return-value]

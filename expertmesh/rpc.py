@@ -1,0 +1,49 @@
+"""What every expertmesh server shares: health, reflection, graceful stop on signals."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+class Health:
+    """grpc.health.v1 for one server: the overall status ("") and each named service."""
+
+    def __init__(self, server: grpc.aio.Server, services: list[str]) -> None:
+        self.servicer = health.aio.HealthServicer()
+        self.services = ["", *services]
+        health_pb2_grpc.add_HealthServicer_to_server(self.servicer, server)
+        reflection.enable_server_reflection(
+            [*services, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
+            server,
+        )
+
+    async def set(self, serving: bool) -> None:
+        """Report SERVING or NOT_SERVING for every service of this server."""
+        for name in self.services:
+            await self.servicer.set(name, SERVING if serving else NOT_SERVING)
+
+
+def stop_event_on_signals() -> asyncio.Event:
+    """An event set by SIGTERM or SIGINT, so that ``main`` can stop gracefully."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    return stop
+
+
+def bind(server: grpc.aio.Server, host: str, port: int) -> int:
+    """Listen on host:port (port 0 = any free port) and return the port actually bound."""
+    target = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    bound = server.add_insecure_port(target)
+    if bound == 0:
+        raise OSError(f"cannot listen on {target}: address in use or not available")
+    return bound
