@@ -1,0 +1,1 @@
+"""Expert services: one process per expert, one vLLM engine each."""

@@ -1,0 +1,1 @@
+"""The expert process: a grpc.aio server over one vLLM AsyncLLM engine."""

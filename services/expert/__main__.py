@@ -1,0 +1,38 @@
+"""``python -m expertmesh.services.expert --expert-id ID [--config FILE] [--port N]``."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+
+from expertmesh.config import ConfigError, load_config, resolve_config_path
+from expertmesh.logs import setup_logging
+
+from .server import serve
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Start one expert process from the mesh config."""
+    parser = argparse.ArgumentParser(prog="expertmesh-expert", description=__doc__)
+    parser.add_argument("--config", help="mesh config (env: EXPERTMESH_CONFIG, legacy VLLM_CONFIG_PATH)")
+    parser.add_argument("--expert-id", required=True, help="which expert of the config to serve")
+    parser.add_argument("--port", type=int, help="listen port (default: from the config)")
+    args = parser.parse_args(argv)
+    setup_logging()
+    source = resolve_config_path(args.config)
+    try:
+        config = load_config(source)
+        index = [e.expert_id for e in config.experts].index(args.expert_id)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except ValueError:
+        print(f"error: expert {args.expert_id!r} is not in {source.path}", file=sys.stderr)
+        return 2
+    port = config.expert_port(index) if args.port is None else args.port
+    return asyncio.run(serve(config.experts[index], port, config.grace_period_s))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
