@@ -1,0 +1,1 @@
+"""The gateway: routes each request to an expert, watches health, streams answers back."""
