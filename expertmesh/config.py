@@ -13,6 +13,7 @@ from __future__ import annotations
 import difflib
 import json
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -62,6 +63,16 @@ class ExpertConfig(_Strict):
     host: str = Field(default="127.0.0.1", description="Interface the expert listens on.")
     port: int | None = Field(default=None, ge=0, le=65535, description="Listen port; None = assigned.")
     address: str | None = Field(default=None, description="host:port the gateway dials; default host:port.")
+    replicas: list[str] = Field(
+        default_factory=list,
+        description="host:port of further replicas run elsewhere; the gateway balances over all of them.",
+    )
+    load: Literal["eager", "lazy"] = Field(
+        default="eager", description="eager: load at start; lazy: load on the first request."
+    )
+    idle_unload_after_s: float | None = Field(
+        default=None, gt=0, description="Release the engine after this long without requests (back to COLD)."
+    )
 
     @field_validator("dtype")
     @classmethod
@@ -70,6 +81,15 @@ class ExpertConfig(_Strict):
         if value not in allowed:
             raise ValueError(f"dtype {value!r} is not one of {sorted(allowed)}")
         return value
+
+
+class RoutingConfig(_Strict):
+    """How the gateway chooses among experts and what it does when one fails."""
+
+    fallbacks: dict[str, list[str]] = Field(
+        default_factory=dict,
+        description="domain -> ordered domains (or expert ids) to try when its experts cannot serve.",
+    )
 
 
 class GatewayConfig(_Strict):
@@ -86,8 +106,14 @@ class MeshConfig(_Strict):
         default=None, description="Domain for requests that name none; default: the first expert's."
     )
     gateway: GatewayConfig = GatewayConfig()
-    expert_base_port: int = Field(default=50051, gt=0, le=65535, description="First port for experts without one.")
+    expert_base_port: int = Field(
+        default=50051, gt=0, le=65535, description="First port for experts without one."
+    )
     grace_period_s: float = Field(default=10.0, ge=0, description="Time allowed for graceful shutdown.")
+    max_restarts: int = Field(
+        default=5, ge=0, description="Supervisor: restarts of a crashed process before giving up."
+    )
+    routing: RoutingConfig = RoutingConfig()
     experts: list[ExpertConfig] = Field(min_length=1)
 
     @model_validator(mode="after")
@@ -104,6 +130,16 @@ class MeshConfig(_Strict):
             raise ValueError(
                 f"default_domain {self.default_domain!r} has no expert (domains: {', '.join(self.domains())})"
             )
+        names = set(ids) | set(self.domains())
+        for domain, chain in self.routing.fallbacks.items():
+            if domain not in self.domains():
+                raise ValueError(f"routing.fallbacks names domain {domain!r}, which has no expert")
+            unknown = [n for n in chain if n not in names]
+            if unknown:
+                raise ValueError(
+                    f"routing.fallbacks[{domain!r}] names {', '.join(map(repr, unknown))}: "
+                    f"neither a domain nor an expert_id of this mesh"
+                )
         return self
 
     def domains(self) -> list[str]:
@@ -147,7 +183,9 @@ class ConfigSource:
         return f"config: {self.path} (from {self.reason})"
 
 
-def resolve_config_path(flag: str | os.PathLike[str] | None = None, environ: dict[str, str] | None = None) -> ConfigSource:
+def resolve_config_path(
+    flag: str | os.PathLike[str] | None = None, environ: dict[str, str] | None = None
+) -> ConfigSource:
     """Pick the config file: ``--config`` > EXPERTMESH_CONFIG > VLLM_CONFIG_PATH > default."""
     env = os.environ if environ is None else environ
     if flag:
@@ -163,6 +201,9 @@ def _closest(key: str, choices: list[str]) -> str:
     return f" (did you mean {match[0]!r}?)" if match else ""
 
 
+_SECTIONS: dict[str, type[BaseModel]] = {"gateway": GatewayConfig, "routing": RoutingConfig}
+
+
 def _format_validation_error(path: Path, err: ValidationError) -> str:
     lines = [f"invalid config {path}:"]
     for e in err.errors():
@@ -172,8 +213,8 @@ def _format_validation_error(path: Path, err: ValidationError) -> str:
             model: type[BaseModel] = MeshConfig
             if len(e["loc"]) > 1 and e["loc"][0] == "experts":
                 model = ExpertConfig
-            elif len(e["loc"]) > 1 and e["loc"][0] == "gateway":
-                model = GatewayConfig
+            elif len(e["loc"]) > 1 and e["loc"][0] in _SECTIONS:
+                model = _SECTIONS[str(e["loc"][0])]
             lines.append(f"  unknown key {loc!r}{_closest(key, list(model.model_fields))}")
         else:
             lines.append(f"  {loc or '(top level)'}: {e['msg']}")
@@ -183,10 +224,7 @@ def _format_validation_error(path: Path, err: ValidationError) -> str:
 def parse_config(text: str, path: Path) -> MeshConfig:
     """Parse and validate config text; ``path`` names the file in errors and anchors relative paths."""
     try:
-        if path.suffix.lower() == ".json":
-            data = json.loads(text)
-        else:
-            data = yaml.safe_load(text)
+        data = json.loads(text) if path.suffix.lower() == ".json" else yaml.safe_load(text)
     except json.JSONDecodeError as e:
         raise ConfigError(f"invalid JSON in {path} at line {e.lineno} column {e.colno}: {e.msg}") from e
     except yaml.YAMLError as e:
@@ -228,3 +266,11 @@ def load_config(source: ConfigSource | str | os.PathLike[str]) -> MeshConfig:
     except OSError as e:
         raise ConfigError(f"config file {path} cannot be read: {e.strerror or e}") from None
     return parse_config(text, path)
+
+
+def load_resolved(flag: str | os.PathLike[str] | None = None) -> tuple[MeshConfig, ConfigSource]:
+    """Resolve the config path by precedence, load it, and say on stderr which file is used."""
+    source = resolve_config_path(flag)
+    config = load_config(source)
+    print(source.describe(), file=sys.stderr, flush=True)
+    return config, source

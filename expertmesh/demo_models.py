@@ -83,7 +83,7 @@ def _train_tokenizer(kind: str, vocab_size: int) -> object:
 def build_model(out_dir: Path, arch: str = "llama", corpus: str = "prose", seed: int = 0) -> Path:
     """Write one tiny model (2 layers, hidden 128, 2 heads of 64) with its tokenizer to ``out_dir``."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedModel, Qwen2Config, Qwen2ForCausalLM
 
     tokenizer = _train_tokenizer(corpus, vocab_size=2048)
     vocab = len(tokenizer)  # type: ignore[arg-type]
@@ -101,11 +101,10 @@ def build_model(out_dir: Path, arch: str = "llama", corpus: str = "prose", seed:
         tie_word_embeddings=False,
     )
     torch.manual_seed(seed)
-    if arch == "qwen2":
-        model = Qwen2ForCausalLM(Qwen2Config(**shape))
-    else:
-        model = LlamaForCausalLM(LlamaConfig(**shape))
-    model = model.to(torch.bfloat16)
+    model: PreTrainedModel = (
+        Qwen2ForCausalLM(Qwen2Config(**shape)) if arch == "qwen2" else LlamaForCausalLM(LlamaConfig(**shape))
+    )
+    model = model.to(dtype=torch.bfloat16)  # type: ignore[arg-type,call-arg]
     tmp = out_dir.with_name(out_dir.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp, safe_serialization=True)

@@ -107,7 +107,7 @@ def grpc_errors(handler: F) -> F:
                     yield item
             except (asyncio.CancelledError, grpc.aio.AbortError):
                 raise
-            except Exception as exc:  # noqa: BLE001 - mapped by the table above
+            except Exception as exc:
                 await fail(context, exc)
 
         return stream  # type: ignore[return-value]
@@ -118,7 +118,7 @@ def grpc_errors(handler: F) -> F:
             return await handler(self, request, context)
         except (asyncio.CancelledError, grpc.aio.AbortError):
             raise
-        except Exception as exc:  # noqa: BLE001 - mapped by the table above
+        except Exception as exc:
             await fail(context, exc)
 
     return unary  # type: ignore[return-value]

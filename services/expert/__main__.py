@@ -6,7 +6,7 @@ import argparse
 import asyncio
 import sys
 
-from expertmesh.config import ConfigError, load_config, resolve_config_path
+from expertmesh.config import ConfigError, load_resolved
 from expertmesh.logs import setup_logging
 
 from .server import serve
@@ -20,9 +20,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, help="listen port (default: from the config)")
     args = parser.parse_args(argv)
     setup_logging()
-    source = resolve_config_path(args.config)
     try:
-        config = load_config(source)
+        config, source = load_resolved(args.config)
         index = [e.expert_id for e in config.experts].index(args.expert_id)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)

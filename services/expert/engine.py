@@ -67,7 +67,9 @@ class EngineHost:
         except Exception as e:
             self.state = pb.EXPERT_STATE_FAILED
             self.last_error = f"{type(e).__name__}: {e}"
-            log.error("expert %s failed to load %s: %s", self.cfg.expert_id, self.cfg.model_path, self.last_error)
+            log.error(
+                "expert %s failed to load %s: %s", self.cfg.expert_id, self.cfg.model_path, self.last_error
+            )
             raise
         self.load_seconds = time.monotonic() - start
         self.state = pb.EXPERT_STATE_READY

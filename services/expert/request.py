@@ -45,7 +45,9 @@ def sampling_params(sampling: pb.SamplingParams) -> SamplingParams:
         kwargs["seed"] = sampling.seed
     if sampling.stop:
         if len(sampling.stop) > MAX_STOP_STRINGS:
-            raise InvalidRequest(f"sampling.stop has {len(sampling.stop)} strings; the limit is {MAX_STOP_STRINGS}")
+            raise InvalidRequest(
+                f"sampling.stop has {len(sampling.stop)} strings; the limit is {MAX_STOP_STRINGS}"
+            )
         for s in sampling.stop:
             if not s or len(s) > MAX_STOP_LENGTH:
                 raise InvalidRequest(
@@ -73,5 +75,7 @@ def prompt_text(request: pb.GenerateRequest, tokenizer: Any, chat_template: str 
             "send a raw prompt or configure chat_template for the expert"
         )
     turns = [{"role": m.role, "content": m.content} for m in request.messages]
-    text = tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True, chat_template=template)
+    text = tokenizer.apply_chat_template(
+        turns, tokenize=False, add_generation_prompt=True, chat_template=template
+    )
     return str(text)

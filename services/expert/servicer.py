@@ -23,7 +23,7 @@ class ExpertServicer(pb_grpc.ExpertServicer):
         self.in_flight = 0
 
     @grpc_errors
-    async def Generate(  # noqa: N802 - gRPC method name
+    async def Generate(
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.GenerateResponse]:
         engine = self.host.ready_engine()
@@ -51,8 +51,9 @@ class ExpertServicer(pb_grpc.ExpertServicer):
             self.in_flight -= 1
 
     @grpc_errors
-    async def Info(self, request: pb.InfoRequest, context: grpc.aio.ServicerContext) -> pb.InfoResponse:  # noqa: N802
+    async def Info(self, request: pb.InfoRequest, context: grpc.aio.ServicerContext) -> pb.InfoResponse:
         cfg = self.host.cfg
+        engine = self.host.engine
         return pb.InfoResponse(
             expert_id=cfg.expert_id,
             domain=cfg.domain,
@@ -64,4 +65,5 @@ class ExpertServicer(pb_grpc.ExpertServicer):
             load_seconds=self.host.load_seconds,
             last_error=self.host.last_error,
             requests_in_flight=self.in_flight,
+            engine_unfinished_requests=engine.get_num_unfinished_requests() if engine else 0,
         )

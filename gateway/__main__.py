@@ -1,0 +1,31 @@
+"""``python -m expertmesh.gateway [--config FILE] [--port N]``."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+
+from expertmesh.config import ConfigError, load_resolved
+from expertmesh.logs import setup_logging
+
+from .server import serve
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Start the gateway from the mesh config."""
+    parser = argparse.ArgumentParser(prog="expertmesh-gateway", description=__doc__)
+    parser.add_argument("--config", help="mesh config (env: EXPERTMESH_CONFIG, legacy VLLM_CONFIG_PATH)")
+    parser.add_argument("--port", type=int, help="listen port (default: gateway.port from the config)")
+    args = parser.parse_args(argv)
+    setup_logging()
+    try:
+        config, _ = load_resolved(args.config)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return asyncio.run(serve(config, args.port))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
