@@ -1,0 +1,214 @@
+"""The ``expertmesh`` command: run the mesh, talk to it, build the demo models."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import grpc
+
+from expertmesh.client import DEFAULT_TARGET, MeshClient
+from expertmesh.config import ConfigError, MeshConfig, load_resolved
+from expertmesh.logs import setup_logging
+from expertmesh.rpc import stop_event_on_signals
+from expertmesh.supervisor import Supervisor
+from expertmesh.v1 import expertmesh_pb2 as pb
+
+CONFIG_HELP = "mesh config file (env: EXPERTMESH_CONFIG, legacy VLLM_CONFIG_PATH; default configs/demo.yaml)"
+GATEWAY_HELP = f"gateway address (env: EXPERTMESH_GATEWAY; default {DEFAULT_TARGET})"
+
+
+def _say(line: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {line}", file=sys.stderr, flush=True)
+
+
+def _log_dir(arg: str | None) -> Path:
+    return Path(arg) if arg else Path(tempfile.mkdtemp(prefix="expertmesh-logs-"))
+
+
+async def _up(config: MeshConfig, config_path: Path, log_dir: Path) -> int:
+    stop = stop_event_on_signals()
+    sup = Supervisor(config, config_path, log_dir, _say)
+    await sup.start()
+    try:
+        ready = asyncio.create_task(sup.wait_ready())
+        await asyncio.wait({ready, asyncio.create_task(stop.wait())}, return_when=asyncio.FIRST_COMPLETED)
+        if ready.done() and ready.result():
+            _say(f"mesh ready: gateway at {sup.gateway.address}; Ctrl-C to stop")
+        await stop.wait()
+        _say("stopping ...")
+    finally:
+        await sup.stop()
+    return 0
+
+
+async def _stream(target: str, args: argparse.Namespace) -> int:
+    async with MeshClient(target, timeout=args.timeout) as mesh:
+        last: pb.GenerateResponse | None = None
+        async for msg in mesh.stream(
+            args.prompt,
+            domain=args.domain or "",
+            expert_id=args.expert_id or "",
+            max_tokens=args.max_tokens,
+            temperature=args.temperature,
+            seed=args.seed,
+        ):
+            print(msg.text, end="", flush=True)
+            last = msg
+        print()
+        if last is not None:
+            print(
+                f"[{last.expert_id}] finish_reason={last.finish_reason} "
+                f"prompt_tokens={last.usage.prompt_tokens} completion_tokens={last.usage.completion_tokens}",
+                file=sys.stderr,
+            )
+    return 0
+
+
+async def _list(target: str) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    async with MeshClient(target, timeout=5) as mesh:
+        reply = await mesh.list_experts()
+    table = Table("expert_id", "domain", "address", "health", "state", "last_error")
+    for e in reply.experts:
+        state = pb.ExpertState.Name(e.state).removeprefix("EXPERT_STATE_")
+        table.add_row(e.expert_id, e.domain, e.address, e.health, state, e.last_error)
+    Console().print(table)
+    print(f"default domain: {reply.default_domain}")
+    return 0
+
+
+async def _demo(config: MeshConfig, config_path: Path, log_dir: Path) -> int:
+    """Start the mesh, stream one answer per domain through the gateway, stop."""
+    sup = Supervisor(config, config_path, log_dir, _say)
+    started = time.monotonic()
+    await sup.start()
+    try:
+        if not await sup.wait_ready(timeout=600):
+            _say("the mesh did not become ready; see the logs above")
+            return 1
+        _say(f"all experts SERVING after {time.monotonic() - started:.1f} s")
+        async with MeshClient(sup.gateway.address, timeout=120) as mesh:
+            for domain in config.domains():
+                prompt = "def fibonacci(n):" if domain == "code" else "Tell me about the quick brown fox."
+                print(f"\n--- domain={domain} prompt={prompt!r}")
+                first = None
+                t0 = time.monotonic()
+                result = None
+                async for msg in mesh.stream(prompt, domain=domain, max_tokens=48, temperature=0):
+                    first = first or time.monotonic() - t0
+                    print(msg.text, end="", flush=True)
+                    result = msg
+                assert result is not None
+                print(
+                    f"\n--- served by {result.expert_id}: finish_reason={result.finish_reason}, "
+                    f"{result.usage.completion_tokens} tokens, first token after {1000 * (first or 0):.0f} ms"
+                )
+        print("\n(the demo models have random weights, so the text is random; see README to use real models)")
+    finally:
+        await sup.stop()
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="expertmesh", description="A gRPC mesh of vLLM experts.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    up = sub.add_parser("up", help="start the gateway and every expert; Ctrl-C / SIGTERM stops them all")
+    up.add_argument("--config", help=CONFIG_HELP)
+    up.add_argument("--log-dir", help="where each process writes its log (default: a new temp folder)")
+
+    demo = sub.add_parser(
+        "demo", help="build the demo models if missing, start the mesh, stream answers, stop"
+    )
+    demo.add_argument("--config", help=CONFIG_HELP)
+    demo.add_argument("--log-dir", help="where each process writes its log (default: a new temp folder)")
+
+    gen = sub.add_parser("generate", help="stream a completion through the gateway to the terminal")
+    gen.add_argument("prompt")
+    gen.add_argument(
+        "--gateway", default=os.environ.get("EXPERTMESH_GATEWAY", DEFAULT_TARGET), help=GATEWAY_HELP
+    )
+    gen.add_argument("--domain", help="route to this domain")
+    gen.add_argument("--expert-id", help="pin this expert")
+    gen.add_argument("--max-tokens", type=int)
+    gen.add_argument("--temperature", type=float)
+    gen.add_argument("--seed", type=int)
+    gen.add_argument("--timeout", type=float, help="deadline in seconds")
+
+    ls = sub.add_parser("experts", help="list the experts with their health and state")
+    ls.add_argument(
+        "--gateway", default=os.environ.get("EXPERTMESH_GATEWAY", DEFAULT_TARGET), help=GATEWAY_HELP
+    )
+
+    check = sub.add_parser("check", help="preflight: find every config and model problem before loading")
+    check.add_argument("--config", help=CONFIG_HELP)
+    check.add_argument("--json", action="store_true", help="machine-readable output")
+
+    probe = sub.add_parser("probe", help="per expert: cold load time, warm time to first token, tokens/s")
+    probe.add_argument("--config", help=CONFIG_HELP)
+    probe.add_argument("--requests", type=int, default=5, help="warm requests per expert")
+
+    bench = sub.add_parser("bench", help="benchmark the mesh against in-process vLLM and vLLM's servers")
+    bench.add_argument("--quick", action="store_true", help="a few requests per scenario (smoke size)")
+    bench.add_argument("--out", default="bench-results", help="folder for results.json and results.png")
+
+    build = sub.add_parser("build-demo-models", help="build the tiny demo models into .models/")
+    build.add_argument("--out", help="folder (default: .models/ at the repository root)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``expertmesh`` command."""
+    args = _parser().parse_args(argv)
+    setup_logging("WARNING" if args.command in ("generate", "experts") else None)
+    try:
+        if args.command in ("up", "demo"):
+            config, source = load_resolved(args.config)
+            if args.command == "demo":
+                from expertmesh.demo_models import ensure_demo_models
+
+                ensure_demo_models()
+                return asyncio.run(_demo(config, source.path, _log_dir(args.log_dir)))
+            return asyncio.run(_up(config, source.path, _log_dir(args.log_dir)))
+        if args.command == "generate":
+            return asyncio.run(_stream(args.gateway, args))
+        if args.command == "experts":
+            return asyncio.run(_list(args.gateway))
+        if args.command == "check":
+            from expertmesh.preflight import main_check
+
+            return main_check(args.config, as_json=args.json)
+        if args.command == "probe":
+            from expertmesh.preflight.probe import main_probe
+
+            return main_probe(args.config, requests=args.requests)
+        if args.command == "bench":
+            from expertmesh.bench import main_bench
+
+            return main_bench(quick=args.quick, out=Path(args.out))
+        if args.command == "build-demo-models":
+            from expertmesh.demo_models import DEFAULT_MODELS_DIR, ensure_demo_models
+
+            ensure_demo_models(Path(args.out) if args.out else DEFAULT_MODELS_DIR)
+            return 0
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except grpc.RpcError as e:
+        print(f"error: {e.code().name}: {e.details()}", file=sys.stderr)  # type: ignore[attr-defined]
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,211 @@
+"""``expertmesh up``: start the gateway and one process per expert, watch them, stop them cleanly.
+
+Each child runs in its own session (process group), so that stopping it reaches vLLM's
+engine-core and worker processes too. Stop order: SIGTERM to every group (each server turns
+NOT_SERVING, drains within the grace period and shuts its engine down), then SIGKILL to any
+group or recorded descendant still alive when the grace period is over: no orphans.
+An expert process that dies is restarted with exponential backoff up to ``max_restarts``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+import psutil
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from expertmesh.config import MeshConfig
+
+log = logging.getLogger(__name__)
+HEALTH_POLL_S = 0.25
+BACKOFF_MAX_S = 30.0
+
+
+@dataclass
+class Child:
+    """One supervised process."""
+
+    name: str
+    argv: list[str]
+    address: str
+    log_path: Path
+    proc: asyncio.subprocess.Process | None = None
+    started_at: float = 0.0
+    health: str = "STARTING"
+    ready_after_s: float | None = None
+    restarts: int = 0
+    gave_up: str = ""
+    descendants: dict[int, psutil.Process] = field(default_factory=dict)
+
+    def tail(self, lines: int = 15) -> str:
+        """The last lines of this child's log, to show why it failed."""
+        try:
+            text = self.log_path.read_text(errors="replace").splitlines()
+        except OSError:
+            return ""
+        return "\n".join(text[-lines:])
+
+
+Report = Callable[[str], None]
+
+
+class Supervisor:
+    """Starts, watches and stops the processes of one mesh config."""
+
+    def __init__(self, config: MeshConfig, config_path: Path, log_dir: Path, report: Report = print) -> None:
+        self.config = config
+        self.report = report
+        self.stopping = False
+        self._tasks: list[asyncio.Task[None]] = []
+        log_dir.mkdir(parents=True, exist_ok=True)
+        py = [sys.executable, "-m"]
+        cfg = ["--config", str(config_path)]
+        self.experts = [
+            Child(
+                e.expert_id,
+                [*py, "expertmesh.services.expert", *cfg, "--expert-id", e.expert_id],
+                config.expert_address(i),
+                log_dir / f"{e.expert_id}.log",
+            )
+            for i, e in enumerate(config.experts)
+        ]
+        gw_host = "127.0.0.1" if config.gateway.host in ("0.0.0.0", "::") else config.gateway.host
+        self.gateway = Child(
+            "gateway",
+            [*py, "expertmesh.gateway", *cfg],
+            f"{gw_host}:{config.gateway.port}",
+            log_dir / "gateway.log",
+        )
+
+    @property
+    def children(self) -> list[Child]:
+        """The gateway first, then the experts."""
+        return [self.gateway, *self.experts]
+
+    async def _spawn(self, child: Child) -> None:
+        with child.log_path.open("ab") as out:
+            child.proc = await asyncio.create_subprocess_exec(
+                *child.argv, stdout=out, stderr=asyncio.subprocess.STDOUT, start_new_session=True
+            )
+        child.started_at = time.monotonic()
+        child.health = "STARTING"
+        child.ready_after_s = None
+        self.report(f"{child.name}: started (pid {child.proc.pid}, log {child.log_path})")
+
+    async def start(self) -> None:
+        """Start every process and the tasks that watch them."""
+        for child in self.children:
+            await self._spawn(child)
+            self._tasks.append(asyncio.create_task(self._watch_health(child)))
+            self._tasks.append(asyncio.create_task(self._keep_alive(child)))
+
+    async def _watch_health(self, child: Child) -> None:
+        """Report health transitions (STARTING -> NOT_SERVING -> SERVING) as they happen."""
+        async with grpc.aio.insecure_channel(child.address) as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            while True:
+                try:
+                    reply = await stub.Check(health_pb2.HealthCheckRequest(), timeout=1.0)
+                    status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+                except grpc.aio.AioRpcError:
+                    status = "STARTING" if child.ready_after_s is None else "UNREACHABLE"
+                if status != child.health and not self.stopping:
+                    child.health = status
+                    if status == "SERVING" and child.ready_after_s is None:
+                        child.ready_after_s = time.monotonic() - child.started_at
+                        self.report(
+                            f"{child.name}: SERVING at {child.address} after {child.ready_after_s:.1f} s"
+                        )
+                        self._record_descendants(child)
+                    elif status == "NOT_SERVING" and child.ready_after_s is None:
+                        self.report(f"{child.name}: listening at {child.address}, loading (NOT_SERVING)")
+                    else:
+                        self.report(f"{child.name}: {status}")
+                await asyncio.sleep(HEALTH_POLL_S)
+
+    def _record_descendants(self, child: Child) -> None:
+        # Remembered so that a descendant that left the process group is still stopped.
+        if child.proc is None:
+            return
+        with contextlib.suppress(psutil.Error):
+            child.descendants.update(
+                {p.pid: p for p in psutil.Process(child.proc.pid).children(recursive=True)}
+            )
+
+    async def _keep_alive(self, child: Child) -> None:
+        """Restart a process that exits on its own, with exponential backoff, up to max_restarts."""
+        while True:
+            assert child.proc is not None
+            code = await child.proc.wait()
+            if self.stopping:
+                return
+            _kill_group(child)  # its engine processes must not outlive it
+            child.health = "EXITED"
+            self.report(f"{child.name}: exited with code {code}; last log lines:\n{child.tail()}")
+            if child.restarts >= self.config.max_restarts:
+                child.gave_up = f"exited with code {code} after {child.restarts} restarts"
+                self.report(f"{child.name}: giving up ({child.gave_up})")
+                return
+            delay = min(2.0**child.restarts, BACKOFF_MAX_S)
+            child.restarts += 1
+            self.report(f"{child.name}: restart {child.restarts}/{self.config.max_restarts} in {delay:.0f} s")
+            await asyncio.sleep(delay)
+            if self.stopping:
+                return
+            await self._spawn(child)
+
+    async def wait_ready(self, timeout: float | None = None) -> bool:
+        """Wait until every expert and the gateway are SERVING; False on timeout or a child giving up."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while deadline is None or time.monotonic() < deadline:
+            if all(c.health == "SERVING" for c in self.children):
+                return True
+            if any(c.gave_up for c in self.children):
+                return False
+            await asyncio.sleep(HEALTH_POLL_S)
+        return False
+
+    async def stop(self) -> None:
+        """SIGTERM every process group, wait the grace period, SIGKILL whatever is left."""
+        self.stopping = True
+        for task in self._tasks:
+            task.cancel()
+        for child in self.children:
+            self._record_descendants(child)
+            _signal_group(child, signal.SIGTERM)
+        deadline = time.monotonic() + self.config.grace_period_s
+        for child in self.children:
+            if child.proc is None:
+                continue
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(child.proc.wait(), max(deadline - time.monotonic(), 0.01))
+        for child in self.children:
+            _kill_group(child)
+            self.report(f"{child.name}: stopped (exit code {child.proc.returncode if child.proc else '-'})")
+
+
+def _signal_group(child: Child, sig: int) -> None:
+    if child.proc is not None and child.proc.returncode is None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(child.proc.pid, sig)
+
+
+def _kill_group(child: Child) -> None:
+    """SIGKILL the child's process group and every descendant recorded for it."""
+    if child.proc is not None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(child.proc.pid, signal.SIGKILL)
+    for proc in child.descendants.values():
+        # psutil checks the process's start time, so a reused pid is never killed.
+        with contextlib.suppress(psutil.Error):
+            proc.kill()
