@@ -1,0 +1,75 @@
+"""Helpers shared by the tests: free ports, mesh configs on the demo models, health waits."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+import grpc
+import yaml
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from expertmesh.demo_models import DEFAULT_MODELS_DIR
+
+REPO = Path(__file__).resolve().parent.parent
+VENV_BIN = REPO / ".venv" / "bin"
+GRPCURL = str(VENV_BIN / "grpcurl")
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def demo_expert(expert_id: str, domain: str, model: str = "demo-general", **extra: Any) -> dict[str, Any]:
+    """An expert entry on one of the tiny demo models, sized for this machine."""
+    return {
+        "expert_id": expert_id,
+        "domain": domain,
+        "model_path": str(DEFAULT_MODELS_DIR / model),
+        "dtype": "bfloat16",
+        "max_model_len": 1024,
+        "kv_cache_space_gib": 1,
+        "enforce_eager": True,
+        "port": free_port(),
+        **extra,
+    }
+
+
+def write_config(path: Path, experts: list[dict[str, Any]], **mesh: Any) -> Path:
+    """Write a mesh config with a free gateway port; returns its path."""
+    data = {
+        "gateway": {"host": "127.0.0.1", "port": free_port()},
+        "grace_period_s": 15,
+        **mesh,
+        "experts": experts,
+    }
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+async def health_status(address: str, service: str = "", timeout: float = 1.0) -> str:
+    """The grpc.health.v1 status name at ``address``, or UNREACHABLE."""
+    async with grpc.aio.insecure_channel(address) as channel:
+        try:
+            reply = await health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=service), timeout=timeout
+            )
+        except grpc.aio.AioRpcError:
+            return "UNREACHABLE"
+    return str(health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status))
+
+
+async def wait_serving(address: str, timeout: float = 300.0) -> None:
+    """Wait until ``address`` reports SERVING (checked on gRPC health, no fixed sleeps)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if await health_status(address) == "SERVING":
+            return
+        await asyncio.sleep(0.25)
+    raise TimeoutError(f"{address} not SERVING after {timeout} s")
