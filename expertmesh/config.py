@@ -13,6 +13,7 @@ from __future__ import annotations
 import difflib
 import json
 import os
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,6 +74,9 @@ class ExpertConfig(_Strict):
     idle_unload_after_s: float | None = Field(
         default=None, gt=0, description="Release the engine after this long without requests (back to COLD)."
     )
+    metrics_port: int | None = Field(
+        default=None, gt=0, le=65535, description="Prometheus /metrics port on host; None = off."
+    )
 
     @field_validator("dtype")
     @classmethod
@@ -83,6 +87,26 @@ class ExpertConfig(_Strict):
         return value
 
 
+class DomainRules(_Strict):
+    """What makes the gateway classify a prompt into one domain (see README, "Routing")."""
+
+    keywords: list[str] = Field(default_factory=list, description="Whole words, case-insensitive.")
+    patterns: list[str] = Field(default_factory=list, description="Regular expressions (Python re).")
+    code: bool = Field(default=False, description="Prompts that contain code belong here.")
+    non_english: bool = Field(default=False, description="Prompts not in English belong here.")
+    examples: list[str] = Field(default_factory=list, description="Example prompts for the embedding signal.")
+
+    @field_validator("patterns")
+    @classmethod
+    def _compiles(cls, value: list[str]) -> list[str]:
+        for pattern in value:
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise ValueError(f"pattern {pattern!r} is not a valid regular expression: {e}") from None
+        return value
+
+
 class RoutingConfig(_Strict):
     """How the gateway chooses among experts and what it does when one fails."""
 
@@ -90,6 +114,21 @@ class RoutingConfig(_Strict):
         default_factory=dict,
         description="domain -> ordered domains (or expert ids) to try when its experts cannot serve.",
     )
+    domains: dict[str, DomainRules] = Field(
+        default_factory=dict, description="Automatic classification rules per domain."
+    )
+    threshold: float = Field(
+        default=0.5, ge=0, le=1, description="Below this confidence a request goes to the default domain."
+    )
+    embeddings: bool = Field(
+        default=False, description="Use the all-MiniLM-L6-v2 embedding signal (needs the embeddings extra)."
+    )
+    eject_after_failures: int = Field(default=3, gt=0, description="Consecutive failures that eject.")
+    eject_base_s: float = Field(default=5.0, gt=0, description="First ejection time; doubles each time.")
+    loading_policy: Literal["wait", "fallback_while_loading"] = Field(
+        default="wait", description="A lazy expert that is not loaded: wait for it, or serve from a fallback."
+    )
+    load_wait_s: float = Field(default=300.0, gt=0, description="How long to wait for a lazy expert to load.")
 
 
 class GatewayConfig(_Strict):
@@ -97,6 +136,9 @@ class GatewayConfig(_Strict):
 
     host: str = "0.0.0.0"
     port: int = Field(default=8080, ge=0, le=65535)
+    metrics_port: int | None = Field(
+        default=None, gt=0, le=65535, description="Prometheus /metrics port on host; None = off."
+    )
 
 
 class MeshConfig(_Strict):
@@ -130,6 +172,9 @@ class MeshConfig(_Strict):
             raise ValueError(
                 f"default_domain {self.default_domain!r} has no expert (domains: {', '.join(self.domains())})"
             )
+        for domain in self.routing.domains:
+            if domain not in self.domains():
+                raise ValueError(f"routing.domains names domain {domain!r}, which has no expert")
         names = set(ids) | set(self.domains())
         for domain, chain in self.routing.fallbacks.items():
             if domain not in self.domains():
@@ -202,6 +247,7 @@ def _closest(key: str, choices: list[str]) -> str:
 
 
 _SECTIONS: dict[str, type[BaseModel]] = {"gateway": GatewayConfig, "routing": RoutingConfig}
+_SUBSECTIONS: dict[str, type[BaseModel]] = {"domains": DomainRules}
 
 
 def _format_validation_error(path: Path, err: ValidationError) -> str:
@@ -213,6 +259,8 @@ def _format_validation_error(path: Path, err: ValidationError) -> str:
             model: type[BaseModel] = MeshConfig
             if len(e["loc"]) > 1 and e["loc"][0] == "experts":
                 model = ExpertConfig
+            elif len(e["loc"]) > 3 and e["loc"][1] in _SUBSECTIONS:
+                model = _SUBSECTIONS[str(e["loc"][1])]
             elif len(e["loc"]) > 1 and e["loc"][0] in _SECTIONS:
                 model = _SECTIONS[str(e["loc"][0])]
             lines.append(f"  unknown key {loc!r}{_closest(key, list(model.model_fields))}")

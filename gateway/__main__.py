@@ -20,11 +20,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     setup_logging()
     try:
-        config, _ = load_resolved(args.config)
+        config, source = load_resolved(args.config)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    return asyncio.run(serve(config, args.port))
+    return asyncio.run(serve(config, source.path, args.port))
 
 
 if __name__ == "__main__":

@@ -1,98 +1,185 @@
-"""Forward one request to the experts of its route, failing over before the first token.
+"""Forward one request along its route, failing over before the first token.
 
-A candidate is tried when its health is SERVING (or still unknown). An attempt that fails
-with UNAVAILABLE, RESOURCE_EXHAUSTED or a connect failure *before any message reached the
-caller* moves on to the next candidate; INVALID_ARGUMENT and other caller errors are never
-retried. Once a message has been streamed, a failure ends the stream with UNAVAILABLE naming
-the expert and the cause, because replaying would duplicate text the caller already has.
+Candidates are tried in route order; within an expert, its available replicas by least
+outstanding requests. An attempt that fails with UNAVAILABLE, RESOURCE_EXHAUSTED, a connect
+failure or a hang (the per-attempt deadline) *before any message reached the caller* moves on
+to the next replica or candidate; INVALID_ARGUMENT and other caller errors are never retried.
+Once a message has been streamed, a failure ends the stream with UNAVAILABLE naming the expert
+and the cause, because replaying would duplicate text the caller already has.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass, field
 
 import grpc
 
-from expertmesh.errors import MeshError, Unavailable
+from expertmesh.config import ExpertConfig, RoutingConfig
+from expertmesh.errors import Unavailable
 from expertmesh.v1 import expertmesh_pb2 as pb
 from expertmesh.v1 import expertmesh_pb2_grpc as pb_grpc
 
 from .health import ExpertLink
+from .pool import Pool
+from .router import Route
 
-#: Codes that mean "this expert cannot take it now, another one may".
-RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED})
-#: Taken off the caller's deadline so the expert times out first and the gateway can report it.
+log = logging.getLogger(__name__)
+
+#: Codes that mean "this replica cannot take it now, another one may".
+RETRYABLE = frozenset(
+    {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.DEADLINE_EXCEEDED}
+)
+#: Taken off the caller's deadline so that the gateway, not the caller, sees an expert time out.
 DEADLINE_MARGIN_S = 0.05
+#: Metadata passed on to the expert as is.
+PASSTHROUGH = ("x-request-id",)
 
 
-@dataclass
-class Attempt:
-    """One try at one expert, for the final error message and the route explanation."""
-
-    expert_id: str
-    outcome: str  # "ok", "skipped: ...", or "CODE: details"
+def ordered_replicas(links: Sequence[ExpertLink]) -> list[ExpertLink]:
+    """Available replicas, least outstanding first (stable, so ties keep config order)."""
+    return sorted((link for link in links if link.available()), key=lambda link: link.outstanding)
 
 
-@dataclass
-class Forwarding:
-    """The attempts made for one request, in order."""
+class Forwarder:
+    """Runs the attempts for one request and keeps the record the explanation is built from."""
 
-    attempts: list[Attempt] = field(default_factory=list)
+    def __init__(
+        self,
+        request: pb.GenerateRequest,
+        route: Route,
+        pool: Pool,
+        routing: RoutingConfig,
+        context: grpc.aio.ServicerContext,
+    ) -> None:
+        self.request = request
+        self.route = route
+        self.pool = pool
+        self.routing = routing
+        self.context = context
+        self.decision = route.decision()
+
+    def _attempt(self, link: ExpertLink | ExpertConfig, outcome: str) -> None:
+        address = link.address if isinstance(link, ExpertLink) else ""
+        self.decision.attempts.add(expert_id=link.expert_id, address=address, outcome=outcome)
 
     def summary(self) -> str:
-        """``a: UNAVAILABLE: ...; b: skipped: NOT_SERVING``."""
-        return "; ".join(f"{a.expert_id}: {a.outcome}" for a in self.attempts)
+        """``a@host:port: UNAVAILABLE: ...; b@host:port: ok``."""
+        return "; ".join(f"{a.expert_id}@{a.address}: {a.outcome}" for a in self.decision.attempts)
 
+    def _timeout(self) -> float | None:
+        remaining = self.context.time_remaining()
+        return None if remaining is None else max(remaining - DEADLINE_MARGIN_S, 0.001)
 
-def _timeout(context: grpc.aio.ServicerContext) -> float | None:
-    remaining = context.time_remaining()
-    if remaining is None:
-        return None
-    return max(remaining - DEADLINE_MARGIN_S, 0.001)
+    def _others_available(self, link: ExpertLink, experts: Sequence[ExpertConfig]) -> bool:
+        return any(
+            other is not link and other.available()
+            for e in experts
+            for other in self.pool.replicas.get(e.expert_id, [])
+        )
 
+    def _warm_later(self, index: int) -> bool:
+        return any(
+            other.available() and other.engine_ready
+            for e in self.route.experts[index + 1 :]
+            for other in self.pool.replicas.get(e.expert_id, [])
+        )
 
-async def forward(
-    request: pb.GenerateRequest,
-    candidates: Sequence[ExpertLink],
-    context: grpc.aio.ServicerContext,
-    forwarding: Forwarding,
-) -> AsyncIterator[pb.GenerateResponse]:
-    """Stream the answer of the first candidate that takes the request."""
-    for link in candidates:
-        if link.health not in ("SERVING", "UNKNOWN"):
-            forwarding.attempts.append(Attempt(link.expert_id, f"skipped: health {link.health}"))
-            continue
-        stub = pb_grpc.ExpertStub(link.channel)
-        call = stub.Generate(request, timeout=_timeout(context), metadata=_passthrough(context))
+    async def stream(self) -> AsyncIterator[pb.GenerateResponse]:
+        """Stream the answer of the first replica that takes the request."""
+        experts = self.route.experts
+        for index, expert in enumerate(experts):
+            links = ordered_replicas(self.pool.replicas.get(expert.expert_id, []))
+            if not links:
+                self._attempt(expert, "skipped: no replica SERVING" + _ejected(self.pool, expert))
+                continue
+            for link in links:
+                cold = expert.load == "lazy" and not link.engine_ready
+                if (
+                    cold
+                    and self.routing.loading_policy == "fallback_while_loading"
+                    and self._warm_later(index)
+                ):
+                    _start_loading(link)
+                    self._attempt(link, "skipped: engine not loaded; loading it in the background")
+                    break
+                sent = 0
+                async for msg in self._try(link, expert, experts, cold):
+                    if sent == 0:
+                        msg.route.CopyFrom(self.decision)
+                        msg.route.expert_id, msg.route.address = link.expert_id, link.address
+                    sent += 1
+                    yield msg
+                if sent:
+                    return
+        raise Unavailable(f"every expert for this request failed: {self.summary() or 'no candidate'}")
+
+    async def _try(
+        self, link: ExpertLink, expert: ExpertConfig, experts: Sequence[ExpertConfig], cold: bool
+    ) -> AsyncIterator[pb.GenerateResponse]:
+        """One attempt. Yields the expert's messages; returns quietly when another may be tried."""
+        metadata = tuple((k, v) for k, v in self.context.invocation_metadata() or () if k in PASSTHROUGH)
+        call = pb_grpc.ExpertStub(link.channel).Generate(
+            self.request, timeout=self._timeout(), metadata=metadata
+        )
+        link.outstanding += 1
         sent = 0
         try:
-            async for msg in call:
+            iterator = call.__aiter__()
+            # A cold lazy expert loads first; wait for that only as long as configured.
+            first = await asyncio.wait_for(anext(iterator), self.routing.load_wait_s if cold else None)
+            sent = 1
+            yield first
+            async for msg in iterator:
                 sent += 1
                 yield msg
-            forwarding.attempts.append(Attempt(link.expert_id, "ok"))
-            return
+            link.ejection.success()
+            self._attempt(link, "ok")
+        except StopAsyncIteration:
+            link.ejection.success()
+            self._attempt(link, "ok (empty stream)")
+        except TimeoutError:
+            self._attempt(
+                link, f"DEADLINE_EXCEEDED: engine still loading after {self.routing.load_wait_s:g} s"
+            )
         except grpc.aio.AioRpcError as e:
             outcome = f"{e.code().name}: {e.details()}"
-            forwarding.attempts.append(Attempt(link.expert_id, outcome))
+            self._attempt(link, outcome)
+            if e.code() not in RETRYABLE:
+                link.ejection.success()  # the replica answered properly; the request was bad
+                raise
+            if link.ejection.failure(may_eject=self._others_available(link, experts)):
+                log.warning("expert %s at %s ejected: %s", link.expert_id, link.address, outcome)
             if sent:
                 raise Unavailable(
-                    f"expert {link.expert_id} failed mid-stream after {sent} messages: {outcome}"
+                    f"expert {link.expert_id} at {link.address} failed mid-stream: {outcome}"
                 ) from None
-            if e.code() not in RETRYABLE:
-                raise
+            if e.code() == grpc.StatusCode.DEADLINE_EXCEEDED and (self._timeout() or 1) <= 0.001:
+                raise  # the caller's own deadline is spent: nothing left to fail over with
         finally:
+            link.outstanding -= 1
             call.cancel()  # no-op when finished; aborts the expert's request when we were cancelled
-    raise _all_failed(forwarding)
 
 
-def _passthrough(context: grpc.aio.ServicerContext) -> Sequence[tuple[str, str | bytes]]:
-    """Caller metadata worth forwarding (trace context, request ids)."""
-    keep = ("traceparent", "tracestate", "x-request-id")
-    return tuple((k, v) for k, v in context.invocation_metadata() or () if k in keep)
+def _start_loading(link: ExpertLink) -> None:
+    """Ask a cold lazy expert to load, without waiting; errors show up in its health and Info."""
+
+    async def load() -> None:
+        with contextlib.suppress(grpc.aio.AioRpcError):
+            await pb_grpc.ExpertStub(link.channel).Load(pb.LoadRequest(wait=False), timeout=5)
+
+    task = asyncio.create_task(load())
+    _background.add(task)
+    task.add_done_callback(_background.discard)
 
 
-def _all_failed(forwarding: Forwarding) -> MeshError:
-    if not forwarding.attempts:
-        return Unavailable("no expert to try")
-    return Unavailable(f"every expert for this request failed: {forwarding.summary()}")
+_background: set[asyncio.Task[None]] = set()
+
+
+def _ejected(pool: Pool, expert: ExpertConfig) -> str:
+    links = pool.replicas.get(expert.expert_id, [])
+    ejected = [link.address for link in links if link.ejection.ejected()]
+    health = ", ".join(f"{link.address} {link.health}" for link in links)
+    return f" ({health}" + (f"; ejected: {', '.join(ejected)})" if ejected else ")")

@@ -1,65 +1,146 @@
-"""Watch every expert's grpc.health.v1 with ``Watch`` (pushed, not polled) over one channel each."""
+"""The gateway's view of one expert replica: its channel, pushed health, load and ejection state.
+
+Health arrives by ``grpc.health.v1.Health/Watch`` (pushed, not polled) on two services of the
+expert: ``expertmesh.v1.Expert`` (can it take a request?) and ``expertmesh.v1.Expert/engine``
+(is its engine loaded?). Channel keepalive pings (``CHANNEL_OPTIONS``) end the watch within about
+two seconds when the process dies or hangs, so a dead replica leaves rotation at once.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
+import time
+from dataclasses import dataclass
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from expertmesh.rpc import CHANNEL_OPTIONS
 from expertmesh.v1 import expertmesh_pb2 as pb
 
 log = logging.getLogger(__name__)
 EXPERT_SERVICE = pb.DESCRIPTOR.services_by_name["Expert"].full_name
+ENGINE_SERVICE = EXPERT_SERVICE + "/engine"
 RETRY_S = 0.5
 
 
-class ExpertLink:
-    """The gateway's connection to one expert address, and its last known health."""
+@dataclass
+class Ejection:
+    """Outlier ejection in the spirit of Envoy's: consecutive failures eject for a growing time."""
 
-    def __init__(self, expert_id: str, address: str) -> None:
+    after_failures: int = 3
+    base_s: float = 5.0
+    consecutive_failures: int = 0
+    ejections: int = 0
+    until: float = 0.0
+
+    def ejected(self, now: float | None = None) -> bool:
+        """True while the replica is out of rotation."""
+        return (time.monotonic() if now is None else now) < self.until
+
+    def success(self) -> None:
+        """A request went through: the failure streak ends."""
+        self.consecutive_failures = 0
+
+    def failure(self, may_eject: bool) -> bool:
+        """Count a failure; True when this one ejects the replica (base time x 2^ejections)."""
+        self.consecutive_failures += 1
+        if self.consecutive_failures < self.after_failures or not may_eject or self.ejected():
+            return False
+        self.until = time.monotonic() + self.base_s * 2**self.ejections
+        self.ejections += 1
+        self.consecutive_failures = 0
+        return True
+
+    def health_passed(self) -> None:
+        """A fresh passing health check brings an ejected replica back."""
+        self.until = 0.0
+        self.consecutive_failures = 0
+
+
+class ExpertLink:
+    """One replica address of one expert."""
+
+    def __init__(self, expert_id: str, address: str, ejection: Ejection | None = None) -> None:
         self.expert_id = expert_id
         self.address = address
-        self.channel = grpc.aio.insecure_channel(address)
+        self.channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
         self.health = "UNKNOWN"
+        self.engine_ready = False
+        self.outstanding = 0
+        self.ejection = ejection or Ejection()
         self.changed = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
+        self._tasks: list[asyncio.Task[None]] = []
 
     @property
     def serving(self) -> bool:
-        """True while the expert's last health report was SERVING."""
+        """True while the replica's last health report was SERVING."""
         return self.health == "SERVING"
+
+    def available(self) -> bool:
+        """Serving (or not yet known) and not ejected."""
+        return self.health in ("SERVING", "UNKNOWN") and not self.ejection.ejected()
+
+    def _notify(self) -> None:
+        self.changed.set()
+        self.changed = asyncio.Event()
 
     def _set(self, status: str) -> None:
         if status != self.health:
             log.info("expert %s at %s: %s -> %s", self.expert_id, self.address, self.health, status)
+            if status == "SERVING" and self.ejection.ejected():
+                self.ejection.health_passed()
             self.health = status
-            self.changed.set()
-            self.changed = asyncio.Event()
+            self._notify()
 
-    async def _watch(self) -> None:
+    def _set_engine(self, ready: bool) -> None:
+        if ready != self.engine_ready:
+            self.engine_ready = ready
+            self._notify()
+
+    async def _watch(self, service: str) -> None:
         stub = health_pb2_grpc.HealthStub(self.channel)
+        serving = health_pb2.HealthCheckResponse.SERVING
         while True:
             try:
-                call = stub.Watch(health_pb2.HealthCheckRequest(service=EXPERT_SERVICE), wait_for_ready=True)
+                call = stub.Watch(health_pb2.HealthCheckRequest(service=service), wait_for_ready=True)
                 async for reply in call:
-                    self._set(health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status))
+                    if service == ENGINE_SERVICE:
+                        self._set_engine(reply.status == serving)
+                    else:
+                        self._set(health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status))
             except grpc.aio.AioRpcError as e:
-                log.debug("health watch of %s ended: %s", self.expert_id, e.code().name)
-            # The stream ended: the expert is gone or restarting.
-            self._set("NOT_SERVING" if self.health != "UNKNOWN" else "UNKNOWN")
+                log.debug("health watch of %s (%s) ended: %s", self.expert_id, service, e.code().name)
+            # The stream ended: the replica died, hung (keepalive) or is restarting.
+            if service == ENGINE_SERVICE:
+                self._set_engine(False)
+            else:
+                self._set("NOT_SERVING" if self.health != "UNKNOWN" else "UNKNOWN")
             await asyncio.sleep(RETRY_S)
 
     def start(self) -> None:
         """Begin watching in the background."""
-        self._task = asyncio.create_task(self._watch())
+        self._tasks = [asyncio.create_task(self._watch(s)) for s in (EXPERT_SERVICE, ENGINE_SERVICE)]
+
+    def status(self) -> pb.ReplicaStatus:
+        """This replica for ListExperts."""
+        left = max(self.ejection.until - time.monotonic(), 0.0)
+        return pb.ReplicaStatus(
+            address=self.address,
+            health=self.health,
+            engine_ready=self.engine_ready,
+            outstanding=self.outstanding,
+            consecutive_failures=self.ejection.consecutive_failures,
+            ejections=self.ejection.ejections,
+            ejected_for_s=round(left, 3),
+        )
 
     async def close(self) -> None:
         """Stop watching and close the channel."""
-        if self._task:
-            self._task.cancel()
+        for task in self._tasks:
+            task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+                await task
         await self.channel.close()

@@ -1,62 +1,138 @@
-"""Run the gateway: one ExpertLink per expert, health SERVING while any expert is SERVING."""
+"""Run the gateway: a pool of expert links, health SERVING while any expert is, hot reload.
+
+Hot reload: on SIGHUP, or when the config file's modification time changes, the file is read
+and validated again. A valid file replaces routing, fallbacks, classification, ejection
+settings and replica addresses without dropping streams in flight (each request keeps the
+config it started with; removed replicas close after their last stream). An invalid file is
+rejected with the reason in the log and the running config is kept.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import signal
+from pathlib import Path
 
 import grpc
 
-from expertmesh.config import MeshConfig
-from expertmesh.rpc import Health, bind, stop_event_on_signals
+from expertmesh.config import ConfigError, MeshConfig, load_config
+from expertmesh.rpc import SERVER_OPTIONS, Health, bind, stop_event_on_signals
 from expertmesh.v1 import expertmesh_pb2 as pb
 from expertmesh.v1 import expertmesh_pb2_grpc as pb_grpc
 
-from .health import ExpertLink
+from .classify import Classifier
+from .pool import Pool
 from .router import Router
 from .servicer import GatewayServicer
 
 log = logging.getLogger(__name__)
 SERVICE = pb.DESCRIPTOR.services_by_name["Gateway"].full_name
+WATCH_CONFIG_S = 1.0
 
 
-async def _mirror_health(links: dict[str, ExpertLink], health: Health) -> None:
+async def _mirror_health(pool: Pool, health: Health) -> None:
     """Keep the gateway's own health in step with its experts: SERVING if any can serve."""
     serving: bool | None = None
     while True:
-        now = any(link.serving for link in links.values())
+        now = any(link.serving for link in pool.links())
         if now != serving:
             serving = now
             await health.set(now)
-        await asyncio.wait(
-            [asyncio.create_task(link.changed.wait()) for link in links.values()],
-            return_when=asyncio.FIRST_COMPLETED,
+        waits = [
+            asyncio.create_task(e.wait()) for e in [pool.changed, *(link.changed for link in pool.links())]
+        ]
+        _, pending = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        for task in pending:
+            task.cancel()
+
+
+async def _router(config: MeshConfig) -> Router:
+    classifier = Classifier(config)
+    await asyncio.to_thread(classifier.warm)  # load the language/embedding models before use
+    return Router(config, classifier)
+
+
+class Reloader:
+    """Re-reads the config file on SIGHUP or when it changes; applies it only when valid."""
+
+    def __init__(self, path: Path, servicer: GatewayServicer, pool: Pool) -> None:
+        self.path = path
+        self.servicer = servicer
+        self.pool = pool
+        self.requested = asyncio.Event()
+        self._mtime = self._stat()
+
+    def _stat(self) -> float:
+        try:
+            return self.path.stat().st_mtime
+        except OSError:
+            return 0.0
+
+    async def reload(self) -> bool:
+        """Apply the file if it is valid; True when applied."""
+        try:
+            config = load_config(self.path)
+        except ConfigError as e:
+            log.error("config reload rejected, keeping the running config: %s", e)
+            return False
+        old = self.servicer.router.config
+        if config.gateway != old.gateway:
+            log.warning("config reload: gateway listen settings change only on restart")
+        self.servicer.router = await _router(config)
+        self.pool.apply(config)
+        log.info(
+            "config reloaded from %s: %d experts, fallbacks %s",
+            self.path,
+            len(config.experts),
+            config.routing.fallbacks or "none",
         )
+        return True
+
+    async def run(self) -> None:
+        """Reload on request (SIGHUP) or on a change of the file's modification time."""
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.requested.wait(), WATCH_CONFIG_S)
+            await self.pool.reap()
+            mtime = self._stat()
+            if self.requested.is_set() or mtime != self._mtime:
+                self.requested.clear()
+                self._mtime = mtime
+                await self.reload()
 
 
-async def serve(config: MeshConfig, port: int | None = None, stop: asyncio.Event | None = None) -> int:
+async def serve(
+    config: MeshConfig,
+    config_path: Path | None = None,
+    port: int | None = None,
+    stop: asyncio.Event | None = None,
+) -> int:
     """Serve until SIGTERM/SIGINT (or ``stop``); return the process exit code."""
     stop = stop or stop_event_on_signals()
-    links = {
-        e.expert_id: ExpertLink(e.expert_id, config.expert_address(i)) for i, e in enumerate(config.experts)
-    }
-    server = grpc.aio.server()
-    pb_grpc.add_GatewayServicer_to_server(GatewayServicer(Router(config), links), server)
+    pool = Pool()
+    pool.apply(config)
+    servicer = GatewayServicer(await _router(config), pool)
+    server = grpc.aio.server(options=SERVER_OPTIONS)
+    pb_grpc.add_GatewayServicer_to_server(servicer, server)
     health = Health(server, [SERVICE])
     await health.set(False)
     bound = bind(server, config.gateway.host, config.gateway.port if port is None else port)
     await server.start()
-    for link in links.values():
-        link.start()
-    mirror = asyncio.create_task(_mirror_health(links, health))
-    log.info("gateway listening on %s:%d for %d experts", config.gateway.host, bound, len(links))
+    tasks = [asyncio.create_task(_mirror_health(pool, health))]
+    if config_path is not None:
+        reloader = Reloader(config_path, servicer, pool)
+        asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, reloader.requested.set)
+        tasks.append(asyncio.create_task(reloader.run()))
+    log.info("gateway listening on %s:%d for %d experts", config.gateway.host, bound, len(config.experts))
     try:
         await stop.wait()
     finally:
-        mirror.cancel()
+        for task in tasks:
+            task.cancel()
         await health.set(False)
         await server.stop(config.grace_period_s)
-        for link in links.values():
-            await link.close()
+        await pool.close()
         log.info("gateway stopped")
     return 0

@@ -1,4 +1,4 @@
-"""expertmesh.v1.Gateway: route, forward, stream back unchanged; ListExperts."""
+"""expertmesh.v1.Gateway: route, forward, stream back unchanged; Route (dry run); ListExperts."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from expertmesh.errors import grpc_errors
 from expertmesh.v1 import expertmesh_pb2 as pb
 from expertmesh.v1 import expertmesh_pb2_grpc as pb_grpc
 
-from .forward import Forwarding, forward
-from .health import ExpertLink
+from .forward import Forwarder, ordered_replicas
+from .pool import Pool
 from .router import Router
 
 log = logging.getLogger(__name__)
@@ -21,30 +21,42 @@ INFO_TIMEOUT_S = 1.0
 
 
 class GatewayServicer(pb_grpc.GatewayServicer):
-    """Routes each request to an expert by ``expert_id`` / ``domain`` / default domain."""
+    """Routes each request; ``router`` is replaced as a whole when the config is reloaded."""
 
-    def __init__(self, router: Router, links: dict[str, ExpertLink]) -> None:
+    def __init__(self, router: Router, pool: Pool) -> None:
         self.router = router
-        self.links = links
+        self.pool = pool
 
     @grpc_errors
     async def Generate(
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.GenerateResponse]:
-        route = self.router.route(request)
-        candidates = [self.links[e.expert_id] for e in route.experts]
-        forwarding = Forwarding()
+        router = self.router  # one config for the whole request, even across a reload
+        route = await router.route(request)
+        forwarder = Forwarder(request, route, self.pool, router.config.routing, context)
         try:
-            async for msg in forward(request, candidates, context, forwarding):
+            async for msg in forwarder.stream():
                 yield msg
         finally:
             log.info(
-                "request %s domain=%s (%s): %s",
+                "request %s -> domain %s (%s %.2f): %s",
                 request.request_id or "-",
                 route.domain,
-                route.reason,
-                forwarding.summary() or "cancelled",
+                route.signal,
+                route.confidence,
+                forwarder.summary() or "cancelled before any attempt",
             )
+
+    @grpc_errors
+    async def Route(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> pb.RouteDecision:
+        route = await self.router.route(request)
+        decision = route.decision()
+        for expert in route.experts:
+            links = ordered_replicas(self.pool.replicas.get(expert.expert_id, []))
+            if links:
+                decision.expert_id, decision.address = expert.expert_id, links[0].address
+                break
+        return decision
 
     @grpc_errors
     async def ListExperts(
@@ -55,12 +67,19 @@ class GatewayServicer(pb_grpc.GatewayServicer):
         return pb.ListExpertsResponse(experts=statuses, default_domain=config.effective_default_domain())
 
     async def _status(self, expert_id: str, domain: str) -> pb.ExpertStatus:
-        link = self.links[expert_id]
-        status = pb.ExpertStatus(expert_id=expert_id, domain=domain, address=link.address, health=link.health)
+        links = self.pool.replicas.get(expert_id, [])
+        best = next((link for link in links if link.serving), links[0])
+        status = pb.ExpertStatus(
+            expert_id=expert_id,
+            domain=domain,
+            address=links[0].address,
+            health=best.health,
+            replicas=[link.status() for link in links],
+        )
         try:
-            info = await pb_grpc.ExpertStub(link.channel).Info(pb.InfoRequest(), timeout=INFO_TIMEOUT_S)
+            info = await pb_grpc.ExpertStub(best.channel).Info(pb.InfoRequest(), timeout=INFO_TIMEOUT_S)
         except grpc.aio.AioRpcError as e:
-            status.last_error = f"Info: {e.code().name}: {e.details()}"
+            status.last_error = f"Info from {best.address}: {e.code().name}: {e.details()}"
         else:
             status.state = info.state
             status.last_error = info.last_error

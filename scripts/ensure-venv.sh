@@ -5,7 +5,7 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="$ROOT/.venv"
 PY="${PYTHON:-python3}"
-EXTRAS="${EXPERTMESH_EXTRAS:-cpu,dev}"
+EXTRAS="${EXPERTMESH_EXTRAS:-cpu,embeddings,dev}"
 
 stamp() { cat "$ROOT/pyproject.toml" "$ROOT/setup.py" "$ROOT"/protos/expertmesh/v1/*.proto | sha256sum | cut -c1-16; echo "$EXTRAS"; }
 

@@ -12,7 +12,7 @@ import logging
 import grpc
 
 from expertmesh.config import ExpertConfig
-from expertmesh.rpc import Health, bind, stop_event_on_signals
+from expertmesh.rpc import SERVER_OPTIONS, Health, bind, stop_event_on_signals
 from expertmesh.v1 import expertmesh_pb2 as pb
 from expertmesh.v1 import expertmesh_pb2_grpc as pb_grpc
 
@@ -37,7 +37,7 @@ async def _watchdog(host: EngineHost, health: Health, stop: asyncio.Event) -> No
 async def serve(cfg: ExpertConfig, port: int, grace_s: float) -> int:
     """Serve until a signal or engine death; return the process exit code."""
     stop = stop_event_on_signals()
-    server = grpc.aio.server()
+    server = grpc.aio.server(options=SERVER_OPTIONS)
     async with engine_host(cfg) as host:
         pb_grpc.add_ExpertServicer_to_server(ExpertServicer(host), server)
         health = Health(server, [SERVICE])
