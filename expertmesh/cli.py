@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import signal
 import sys
 import tempfile
 import time
@@ -35,6 +36,7 @@ async def _up(config: MeshConfig, config_path: Path, log_dir: Path) -> int:
     stop = stop_event_on_signals()
     sup = Supervisor(config, config_path, log_dir, _say)
     await sup.start()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, sup.reload)
     try:
         ready = asyncio.create_task(sup.wait_ready())
         await asyncio.wait({ready, asyncio.create_task(stop.wait())}, return_when=asyncio.FIRST_COMPLETED)
@@ -121,7 +123,9 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="expertmesh", description="A gRPC mesh of vLLM experts.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    up = sub.add_parser("up", help="start the gateway and every expert; Ctrl-C / SIGTERM stops them all")
+    up = sub.add_parser(
+        "up", help="start the gateway and every expert; Ctrl-C / SIGTERM stops all, SIGHUP reloads routing"
+    )
     up.add_argument("--config", help=CONFIG_HELP)
     up.add_argument("--log-dir", help="where each process writes its log (default: a new temp folder)")
 

@@ -20,6 +20,8 @@ SERVER_OPTIONS = [
 CHANNEL_OPTIONS = [
     ("grpc.keepalive_time_ms", 1000),
     ("grpc.keepalive_timeout_ms", 1000),
+    # Recent gRPC cores time pings out by this setting (default one minute), not the one above.
+    ("grpc.http2.ping_timeout_ms", 1000),
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.max_pings_without_data", 0),
 ]

@@ -175,6 +175,12 @@ class Supervisor:
             await asyncio.sleep(HEALTH_POLL_S)
         return False
 
+    def reload(self) -> None:
+        """Ask the gateway to re-read the config file (it validates before applying)."""
+        self.report("reloading the gateway's config (SIGHUP)")
+        if self.gateway.proc is not None and self.gateway.proc.returncode is None:
+            self.gateway.proc.send_signal(signal.SIGHUP)
+
     async def stop(self) -> None:
         """SIGTERM every process group, wait the grace period, SIGKILL whatever is left."""
         self.stopping = True
