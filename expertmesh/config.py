@@ -74,6 +74,16 @@ class ExpertConfig(_Strict):
     idle_unload_after_s: float | None = Field(
         default=None, gt=0, description="Release the engine after this long without requests (back to COLD)."
     )
+    max_queue: int | None = Field(
+        default=None,
+        gt=0,
+        description="Requests the engine may hold (running + waiting); more get RESOURCE_EXHAUSTED.",
+    )
+    memory_gib: float | None = Field(
+        default=None,
+        gt=0,
+        description="Memory a load adds, for memory_budget_gib; default: measured, else estimated.",
+    )
     metrics_port: int | None = Field(
         default=None, gt=0, le=65535, description="Prometheus /metrics port on host; None = off."
     )
@@ -155,36 +165,53 @@ class MeshConfig(_Strict):
     max_restarts: int = Field(
         default=5, ge=0, description="Supervisor: restarts of a crashed process before giving up."
     )
+    memory_budget_gib: float | None = Field(
+        default=None,
+        gt=0,
+        description="Resident memory of all experts of this host together; an on-demand load that "
+        "would exceed it first unloads the least recently used idle expert.",
+    )
     routing: RoutingConfig = RoutingConfig()
     experts: list[ExpertConfig] = Field(min_length=1)
 
     @model_validator(mode="after")
     def _consistent(self) -> MeshConfig:
+        # Every problem at once: an operator should not fix them one restart at a time.
+        problems = []
         ids = [e.expert_id for e in self.experts]
         dupes = sorted({i for i in ids if ids.count(i) > 1})
         if dupes:
-            raise ValueError(f"duplicate expert_id: {', '.join(dupes)}")
+            problems.append(f"duplicate expert_id: {', '.join(dupes)}")
         ports = [p for p in (self.expert_port(i) for i in range(len(self.experts))) if p]
         dupe_ports = sorted({p for p in ports if ports.count(p) > 1})
         if dupe_ports:
-            raise ValueError(f"duplicate expert port: {', '.join(map(str, dupe_ports))}")
+            problems.append(f"duplicate expert port: {', '.join(map(str, dupe_ports))}")
+        for i, e in enumerate(self.experts):
+            if self.expert_port(i) == self.gateway.port and e.host in (
+                self.gateway.host,
+                "0.0.0.0",
+                "127.0.0.1",
+            ):
+                problems.append(f"expert port {self.gateway.port} is also the gateway port")
         if self.default_domain is not None and self.default_domain not in self.domains():
-            raise ValueError(
+            problems.append(
                 f"default_domain {self.default_domain!r} has no expert (domains: {', '.join(self.domains())})"
             )
         for domain in self.routing.domains:
             if domain not in self.domains():
-                raise ValueError(f"routing.domains names domain {domain!r}, which has no expert")
+                problems.append(f"routing.domains names domain {domain!r}, which has no expert")
         names = set(ids) | set(self.domains())
         for domain, chain in self.routing.fallbacks.items():
             if domain not in self.domains():
-                raise ValueError(f"routing.fallbacks names domain {domain!r}, which has no expert")
+                problems.append(f"routing.fallbacks names domain {domain!r}, which has no expert")
             unknown = [n for n in chain if n not in names]
             if unknown:
-                raise ValueError(
+                problems.append(
                     f"routing.fallbacks[{domain!r}] names {', '.join(map(repr, unknown))}: "
                     f"neither a domain nor an expert_id of this mesh"
                 )
+        if problems:
+            raise ValueError("\n".join(problems))
         return self
 
     def domains(self) -> list[str]:
@@ -264,6 +291,9 @@ def _format_validation_error(path: Path, err: ValidationError) -> str:
             elif len(e["loc"]) > 1 and e["loc"][0] in _SECTIONS:
                 model = _SECTIONS[str(e["loc"][0])]
             lines.append(f"  unknown key {loc!r}{_closest(key, list(model.model_fields))}")
+        elif e["type"] == "value_error":
+            for line in e["msg"].removeprefix("Value error, ").splitlines():
+                lines.append(f"  {loc or '(top level)'}: {line}")
         else:
             lines.append(f"  {loc or '(top level)'}: {e['msg']}")
     return "\n".join(lines)

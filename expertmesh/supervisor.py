@@ -29,6 +29,8 @@ from expertmesh.config import MeshConfig
 log = logging.getLogger(__name__)
 HEALTH_POLL_S = 0.25
 BACKOFF_MAX_S = 30.0
+#: A process that ran this long before exiting starts its restart count (and backoff) afresh.
+STABLE_AFTER_S = 600.0
 
 
 @dataclass
@@ -54,6 +56,13 @@ class Child:
         except OSError:
             return ""
         return "\n".join(text[-lines:])
+
+    def last_error(self) -> str:
+        """The last line of the log that reports an error: the likely reason it exited."""
+        for line in reversed(self.tail(200).splitlines()):
+            if "ERROR" in line or "error" in line or "Error" in line:
+                return line.strip()
+        return ""
 
 
 Report = Callable[[str], None]
@@ -152,8 +161,12 @@ class Supervisor:
             _kill_group(child)  # its engine processes must not outlive it
             child.health = "EXITED"
             self.report(f"{child.name}: exited with code {code}; last log lines:\n{child.tail()}")
+            if time.monotonic() - child.started_at >= STABLE_AFTER_S:
+                child.restarts = 0  # crashes far apart are not a crash loop
             if child.restarts >= self.config.max_restarts:
                 child.gave_up = f"exited with code {code} after {child.restarts} restarts"
+                if child.last_error():
+                    child.gave_up += f"; last error: {child.last_error()}"
                 self.report(f"{child.name}: giving up ({child.gave_up})")
                 return
             delay = min(2.0**child.restarts, BACKOFF_MAX_S)
@@ -197,6 +210,10 @@ class Supervisor:
                 await asyncio.wait_for(child.proc.wait(), max(deadline - time.monotonic(), 0.01))
         for child in self.children:
             _kill_group(child)
+            if child.proc is not None:
+                # Reap it while the loop still runs (asyncio's child watcher needs the loop).
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(child.proc.wait(), 5)
             self.report(f"{child.name}: stopped (exit code {child.proc.returncode if child.proc else '-'})")
 
 

@@ -123,3 +123,18 @@ def test_shipped_configs_are_valid() -> None:
         "gemma3_multimodal",
         "aya_expanse_multilingual",
     ]
+
+
+def test_every_consistency_problem_is_reported_at_once(tmp_path: Path) -> None:
+    data = json.loads(json.dumps(ORIGINAL_SHAPE))
+    data["experts"].append(dict(data["experts"][0]))
+    data["default_domain"] = "law"
+    data["experts"][1]["port"] = 8080
+    with pytest.raises(ConfigError) as err:
+        parse_config(json.dumps(data), tmp_path / "m.json")
+    lines = str(err.value).splitlines()[1:]
+    assert lines == [
+        "  (top level): duplicate expert_id: phi4_fast",
+        "  (top level): expert port 8080 is also the gateway port",
+        "  (top level): default_domain 'law' has no expert (domains: general, balanced)",
+    ]
