@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import signal
 import sys
@@ -37,6 +38,7 @@ async def _up(config: MeshConfig, config_path: Path, log_dir: Path) -> int:
     sup = Supervisor(config, config_path, log_dir, _say)
     await sup.start()
     asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, sup.reload)
+    preflight = asyncio.create_task(sup.preflight())  # alongside the loads, which take longer
     try:
         ready = asyncio.create_task(sup.wait_ready())
         await asyncio.wait({ready, asyncio.create_task(stop.wait())}, return_when=asyncio.FIRST_COMPLETED)
@@ -45,6 +47,9 @@ async def _up(config: MeshConfig, config_path: Path, log_dir: Path) -> int:
         await stop.wait()
         _say("stopping ...")
     finally:
+        preflight.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await preflight
         await sup.stop()
     return 0
 

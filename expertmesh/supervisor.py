@@ -73,6 +73,7 @@ class Supervisor:
 
     def __init__(self, config: MeshConfig, config_path: Path, log_dir: Path, report: Report = print) -> None:
         self.config = config
+        self.config_path = config_path
         self.report = report
         self.stopping = False
         self._tasks: list[asyncio.Task[None]] = []
@@ -110,6 +111,34 @@ class Supervisor:
         child.health = "STARTING"
         child.ready_after_s = None
         self.report(f"{child.name}: started (pid {child.proc.pid}, log {child.log_path})")
+
+    async def preflight(self) -> int:
+        """Run ``expertmesh check`` on the config (in a child, so vLLM's import stays out of
+        this process) and report its findings; returns its exit code (1 = some expert has errors).
+
+        An expert with errors is still started: it runs the same checks itself, does not load
+        its engine, and reports FAILED with the findings through Info and ListExperts.
+        """
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "expertmesh.cli",
+            "check",
+            "--config",
+            str(self.config_path),
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+        )
+        try:
+            out, _ = await proc.communicate()
+        except asyncio.CancelledError:
+            proc.kill()  # stopping before it finished: leave nothing behind
+            await proc.wait()
+            raise
+        code = proc.returncode or 0
+        summary = "no errors" if code == 0 else "errors found; those experts stay FAILED"
+        self.report(f"preflight ({summary}):\n{out.decode(errors='replace').rstrip()}")
+        return code
 
     async def start(self) -> None:
         """Start every process and the tasks that watch them."""
