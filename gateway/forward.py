@@ -19,6 +19,7 @@ import grpc
 
 from expertmesh.config import ExpertConfig, RoutingConfig
 from expertmesh.errors import Unavailable
+from expertmesh.telemetry import Attempt, attempt_span, record_ejection
 from expertmesh.v1 import expertmesh_pb2 as pb
 from expertmesh.v1 import expertmesh_pb2_grpc as pb_grpc
 
@@ -106,23 +107,29 @@ class Forwarder:
                     self._attempt(link, "skipped: engine not loaded; loading it in the background")
                     break
                 sent = 0
-                async for msg in self._try(link, expert, experts, cold):
-                    if sent == 0:
-                        msg.route.CopyFrom(self.decision)
-                        msg.route.expert_id, msg.route.address = link.expert_id, link.address
-                    sent += 1
-                    yield msg
+                with attempt_span(link.expert_id, link.address) as attempt:
+                    async for msg in self._try(link, expert, experts, cold, attempt):
+                        if sent == 0:
+                            msg.route.CopyFrom(self.decision)
+                            msg.route.expert_id, msg.route.address = link.expert_id, link.address
+                        sent += 1
+                        yield msg
                 if sent:
                     return
         raise Unavailable(f"every expert for this request failed: {self.summary() or 'no candidate'}")
 
     async def _try(
-        self, link: ExpertLink, expert: ExpertConfig, experts: Sequence[ExpertConfig], cold: bool
+        self,
+        link: ExpertLink,
+        expert: ExpertConfig,
+        experts: Sequence[ExpertConfig],
+        cold: bool,
+        attempt: Attempt,
     ) -> AsyncIterator[pb.GenerateResponse]:
         """One attempt. Yields the expert's messages; returns quietly when another may be tried."""
         metadata = tuple((k, v) for k, v in self.context.invocation_metadata() or () if k in PASSTHROUGH)
         call = pb_grpc.ExpertStub(link.channel).Generate(
-            self.request, timeout=self._timeout(), metadata=metadata
+            self.request, timeout=self._timeout(), metadata=attempt.metadata(metadata)
         )
         link.outstanding += 1
         sent = 0
@@ -140,18 +147,24 @@ class Forwarder:
         except StopAsyncIteration:
             link.ejection.success()
             self._attempt(link, "ok (empty stream)")
+        except (asyncio.CancelledError, GeneratorExit):
+            self._attempt(link, f"CANCELLED by the caller after {sent} messages")
+            raise
         except TimeoutError:
             self._attempt(
                 link, f"DEADLINE_EXCEEDED: engine still loading after {self.routing.load_wait_s:g} s"
             )
+            attempt.set_outcome(grpc.StatusCode.DEADLINE_EXCEEDED, "engine still loading")
         except grpc.aio.AioRpcError as e:
             outcome = f"{e.code().name}: {e.details()}"
             self._attempt(link, outcome)
+            attempt.set_outcome(e.code(), e.details() or "")
             if e.code() not in RETRYABLE:
                 link.ejection.success()  # the replica answered properly; the request was bad
                 raise
             if link.ejection.failure(may_eject=self._others_available(link, experts)):
                 log.warning("expert %s at %s ejected: %s", link.expert_id, link.address, outcome)
+                record_ejection(link.expert_id)
             if sent:
                 raise Unavailable(
                     f"expert {link.expert_id} at {link.address} failed mid-stream: {outcome}"

@@ -19,6 +19,7 @@ import grpc
 
 from expertmesh.config import ConfigError, MeshConfig, load_config
 from expertmesh.rpc import SERVER_OPTIONS, Health, bind, stop_event_on_signals
+from expertmesh.telemetry import Identity, start_telemetry, watch_replicas
 from expertmesh.v1 import expertmesh_pb2 as pb
 from expertmesh.v1 import expertmesh_pb2_grpc as pb_grpc
 
@@ -111,8 +112,10 @@ async def serve(
 ) -> int:
     """Serve until SIGTERM/SIGINT (or ``stop``); return the process exit code."""
     stop = stop or stop_event_on_signals()
+    telemetry = start_telemetry(Identity("gateway"), config.gateway.metrics_port, config.gateway.host)
     pool = Pool()
     pool.apply(config)
+    watch_replicas(lambda: [(x.expert_id, x.address, x.health, x.ejection.ejected()) for x in pool.links()])
     servicer = GatewayServicer(await _router(config), pool)
     server = grpc.aio.server(options=SERVER_OPTIONS)
     pb_grpc.add_GatewayServicer_to_server(servicer, server)
@@ -134,5 +137,6 @@ async def serve(
         await health.set(False)
         await server.stop(config.grace_period_s)
         await pool.close()
+        telemetry.stop()  # export the last spans
         log.info("gateway stopped")
     return 0

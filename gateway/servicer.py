@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import uuid
 from collections.abc import AsyncIterator
 
 import grpc
 
 from expertmesh.errors import grpc_errors
+from expertmesh.telemetry import gateway_generate, note_route
 from expertmesh.v1 import expertmesh_pb2 as pb
 from expertmesh.v1 import expertmesh_pb2_grpc as pb_grpc
 
@@ -28,11 +30,15 @@ class GatewayServicer(pb_grpc.GatewayServicer):
         self.pool = pool
 
     @grpc_errors
+    @gateway_generate
     async def Generate(
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.GenerateResponse]:
         router = self.router  # one config for the whole request, even across a reload
+        if not request.request_id:
+            request.request_id = uuid.uuid4().hex  # so that every log line and both hops share it
         route = await router.route(request)
+        note_route(route.domain, route.signal, route.confidence)
         forwarder = Forwarder(request, route, self.pool, router.config.routing, context)
         try:
             async for msg in forwarder.stream():
