@@ -50,6 +50,12 @@ class ResourceExhausted(MeshError):
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
+class FailedPrecondition(MeshError):
+    """The expert is not in a state that allows the operation (e.g. unloading while busy)."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
 class Unimplemented(MeshError):
     """The request asks for a feature this expert does not support."""
 
@@ -64,6 +70,11 @@ _BY_CLASS_NAME: dict[str, grpc.StatusCode] = {
     "vllm.exceptions.VLLMClientError": grpc.StatusCode.INVALID_ARGUMENT,
     "vllm.v1.engine.exceptions.EngineDeadError": grpc.StatusCode.UNAVAILABLE,
     "vllm.v1.engine.exceptions.EngineGenerateError": grpc.StatusCode.UNAVAILABLE,
+    # Admission control (ExpertConfig.max_queue -> max_num_queued_reqs): the queue is full.
+    "vllm.exceptions.QueueOverflowError": grpc.StatusCode.RESOURCE_EXHAUSTED,
+    "vllm.exceptions.MaxQueuedTokensError": grpc.StatusCode.RESOURCE_EXHAUSTED,
+    "vllm.exceptions.RetryableRequestError": grpc.StatusCode.UNAVAILABLE,
+    "torch.OutOfMemoryError": grpc.StatusCode.RESOURCE_EXHAUSTED,
     "builtins.TimeoutError": grpc.StatusCode.DEADLINE_EXCEEDED,
     "builtins.MemoryError": grpc.StatusCode.RESOURCE_EXHAUSTED,
     "builtins.NotImplementedError": grpc.StatusCode.UNIMPLEMENTED,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import sys
 
 from expertmesh.config import ConfigError, load_resolved
@@ -30,7 +31,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: expert {args.expert_id!r} is not in {source.path}", file=sys.stderr)
         return 2
     port = config.expert_port(index) if args.port is None else args.port
-    return asyncio.run(serve(config.experts[index], port, config.grace_period_s))
+    code = asyncio.run(serve(config.experts[index], port, config.grace_period_s, config))
+    # torch and vLLM leave millions of objects; collecting them at exit takes seconds of the
+    # grace period for nothing. Frozen objects are skipped by the final collections.
+    gc.freeze()
+    return code
 
 
 if __name__ == "__main__":

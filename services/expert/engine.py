@@ -1,20 +1,30 @@
-"""One vLLM AsyncLLM engine and its lifecycle state, owned by one expert process."""
+"""Build and release one vLLM AsyncLLM engine; its tokenizer; the memory it occupies.
+
+Blocking calls here (building, shutting down) are run off the event loop by the lifecycle, so
+that health, Info and the other RPCs keep answering while an engine loads or unloads.
+"""
 
 from __future__ import annotations
 
-import asyncio
-import logging
+import contextlib
+import multiprocessing
 import os
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
-from expertmesh.config import ExpertConfig
-from expertmesh.errors import Unavailable
-from expertmesh.v1 import expertmesh_pb2 as pb
+import psutil
 
-log = logging.getLogger(__name__)
+from expertmesh.config import ExpertConfig
+
+#: Memory vLLM's engine and worker processes take beyond weights and KV cache (torch, the
+#: runtime, buffers); measured ~1.9 GiB on CPU for a tiny model. Only used until a load is measured.
+RUNTIME_OVERHEAD_GIB = 2.0
+#: KV cache size vLLM's CPU backend reserves when VLLM_CPU_KVCACHE_SPACE is not set.
+DEFAULT_CPU_KV_CACHE_GIB = 4
+GIB = 1024**3
+#: How long an unload waits for the engine's processes to be gone after vLLM's shutdown.
+ENGINE_EXIT_TIMEOUT_S = 15.0
 
 
 def engine_args(cfg: ExpertConfig) -> Any:
@@ -30,83 +40,97 @@ def engine_args(cfg: ExpertConfig) -> Any:
         "trust_remote_code": cfg.trust_remote_code,
         "tensor_parallel_size": cfg.tensor_parallel_size,
         "seed": cfg.seed,
-        "disable_log_stats": True,
+        # vLLM builds its request spans from per-request stats: with its tracing on they must be.
+        "disable_log_stats": "otlp_traces_endpoint" not in cfg.engine_args,
     }
     optional = {
         "max_num_seqs": cfg.max_num_seqs,
         "gpu_memory_utilization": cfg.gpu_memory_utilization,
         "enforce_eager": cfg.enforce_eager,
+        # vLLM's own admission control: a full queue raises QueueOverflowError (RESOURCE_EXHAUSTED).
+        "max_num_queued_reqs": cfg.max_queue,
     }
     kwargs.update({k: v for k, v in optional.items() if v is not None})
     kwargs.update(cfg.engine_args)
     return AsyncEngineArgs(**kwargs)
 
 
-class EngineHost:
-    """Holds the expert's engine, its state (COLD -> LOADING -> READY | FAILED) and load facts."""
+def build_engine(cfg: ExpertConfig) -> Any:
+    """A new AsyncLLM for ``cfg`` (blocking: tens of seconds to minutes)."""
+    from vllm.v1.engine.async_llm import AsyncLLM
 
-    def __init__(self, cfg: ExpertConfig) -> None:
-        self.cfg = cfg
-        self.engine: Any = None
-        self.state: int = pb.EXPERT_STATE_COLD
-        self.load_seconds = 0.0
-        self.last_error = ""
+    if cfg.kv_cache_space_gib is not None:
+        # Read by the engine core process that vLLM spawns, which inherits our environment.
+        os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(cfg.kv_cache_space_gib)
+    return AsyncLLM.from_engine_args(engine_args(cfg))
 
-    async def load(self) -> None:
-        """Build the engine off the event loop so health and Info keep answering while it loads."""
-        from vllm.v1.engine.async_llm import AsyncLLM
 
-        if self.cfg.kv_cache_space_gib is not None:
-            # Read by the engine core process that vLLM spawns, which inherits our environment.
-            os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(self.cfg.kv_cache_space_gib)
-        self.state = pb.EXPERT_STATE_LOADING
-        start = time.monotonic()
-        try:
-            args = engine_args(self.cfg)
-            self.engine = await asyncio.to_thread(AsyncLLM.from_engine_args, args)
-        except Exception as e:
-            self.state = pb.EXPERT_STATE_FAILED
-            self.last_error = f"{type(e).__name__}: {e}"
-            log.error(
-                "expert %s failed to load %s: %s", self.cfg.expert_id, self.cfg.model_path, self.last_error
-            )
-            raise
-        self.load_seconds = time.monotonic() - start
-        self.state = pb.EXPERT_STATE_READY
-        log.info("expert %s loaded %s in %.1f s", self.cfg.expert_id, self.cfg.model_path, self.load_seconds)
+def descendants() -> list[psutil.Process]:
+    """This process's descendants now (to tell which of them an engine started).
 
-    def engine_died(self) -> bool:
-        """True (and state FAILED with the cause) once the loaded engine has died."""
-        if self.engine is None or not self.engine.errored:
-            return False
-        if self.state != pb.EXPERT_STATE_FAILED:
-            self.state = pb.EXPERT_STATE_FAILED
-            self.last_error = f"engine died: {self.engine.dead_error}"
+    multiprocessing's resource tracker, started with the first engine and kept for the life
+    of the process, is left out: it is not the engine's and never exits on its own.
+    """
+    found = []
+    with contextlib.suppress(psutil.Error):
+        for proc in psutil.Process().children(recursive=True):
+            with contextlib.suppress(psutil.Error):
+                if "resource_tracker" not in " ".join(proc.cmdline()):
+                    found.append(proc)
+    return found
+
+
+def shutdown_engine(engine: Any, procs: list[psutil.Process]) -> None:
+    """Shut the engine down and wait until its processes ``procs`` are gone and their memory free.
+
+    vLLM's shutdown returns once it has signalled (or killed) its processes; a killed worker
+    may still be releasing gigabytes for a moment, and COLD should mean the memory is back.
+    """
+    engine.shutdown()
+    deadline = time.monotonic() + ENGINE_EXIT_TIMEOUT_S
+    while not all(_gone(p) for p in procs) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    multiprocessing.active_children()  # reap the engine core, our child, so no zombie stays
+
+
+def _gone(proc: psutil.Process) -> bool:
+    # A zombie has released its memory; an orphaned one may never be reaped in a container
+    # whose first process does not reap, so waiting for it to disappear could take forever.
+    try:
+        return proc.status() == psutil.STATUS_ZOMBIE
+    except psutil.Error:
         return True
 
-    def ready_engine(self) -> Any:
-        """The engine, or Unavailable naming why there is none to serve with."""
-        self.engine_died()
-        if self.state != pb.EXPERT_STATE_READY:
-            name = pb.ExpertState.Name(self.state).removeprefix("EXPERT_STATE_")
-            reason = f": {self.last_error}" if self.last_error else ""
-            raise Unavailable(f"expert {self.cfg.expert_id} is {name}{reason}")
-        return self.engine
 
-    def shutdown(self) -> None:
-        """Stop the engine and its engine-core processes."""
-        if self.engine is not None:
-            self.state = pb.EXPERT_STATE_UNLOADING
-            self.engine.shutdown()
-            self.engine = None
-            self.state = pb.EXPERT_STATE_COLD
+def load_tokenizer(cfg: ExpertConfig) -> Any:
+    """The tokenizer the engine uses, loaded on its own so that a cold expert can tokenize."""
+    from vllm.tokenizers import get_tokenizer
+
+    kwargs = {k: cfg.engine_args[k] for k in ("tokenizer_mode", "revision") if k in cfg.engine_args}
+    return get_tokenizer(cfg.tokenizer or cfg.model_path, trust_remote_code=cfg.trust_remote_code, **kwargs)
 
 
-@asynccontextmanager
-async def engine_host(cfg: ExpertConfig) -> AsyncIterator[EngineHost]:
-    """An EngineHost whose engine is always shut down on exit, however the block ends."""
-    host = EngineHost(cfg)
+def tree_rss(pid: int | None = None) -> int:
+    """Resident bytes of a process and all its descendants (vLLM's engine core and workers)."""
     try:
-        yield host
-    finally:
-        host.shutdown()
+        root = psutil.Process(pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.Error:
+        return 0
+    total = 0
+    for proc in procs:
+        with contextlib.suppress(psutil.Error):  # exited while we looked
+            total += proc.memory_info().rss
+    return total
+
+
+def estimate_load_bytes(cfg: ExpertConfig) -> int:
+    """What loading adds to resident memory, before any load was measured: weights + KV + runtime."""
+    if cfg.memory_gib is not None:
+        return int(cfg.memory_gib * GIB)
+    path = Path(cfg.model_path)
+    weights = 0
+    if path.is_dir():
+        weights = sum(f.stat().st_size for f in path.iterdir() if f.suffix in (".safetensors", ".bin", ".pt"))
+    kv = cfg.kv_cache_space_gib if cfg.kv_cache_space_gib is not None else DEFAULT_CPU_KV_CACHE_GIB
+    return int(weights + (kv + RUNTIME_OVERHEAD_GIB) * GIB)

@@ -1,7 +1,9 @@
-"""Run one expert: bind the port first (health NOT_SERVING), load the engine, then SERVING.
+"""Run one expert: bind the port first, then load eagerly (NOT_SERVING until loaded) or wait for
+the first request (lazy: SERVING while COLD); unload when idle; stop when the engine dies.
 
 Shutdown order on SIGTERM/SIGINT: health NOT_SERVING -> stop accepting and let in-flight
 streams finish within the grace period -> shut the engine (and its processes) down.
+The exit code is 1 when the expert ends FAILED (the supervisor then restarts it), else 0.
 """
 
 from __future__ import annotations
@@ -11,60 +13,86 @@ import logging
 
 import grpc
 
-from expertmesh.config import ExpertConfig
-from expertmesh.rpc import SERVER_OPTIONS, Health, bind, stop_event_on_signals
-from expertmesh.v1 import expertmesh_pb2 as pb
+from expertmesh.config import ExpertConfig, MeshConfig
+from expertmesh.errors import Unavailable
+from expertmesh.rpc import SERVER_OPTIONS, bind, stop_event_on_signals
+from expertmesh.telemetry import Identity, start_telemetry, watch_expert
 from expertmesh.v1 import expertmesh_pb2_grpc as pb_grpc
 
-from .engine import EngineHost, engine_host
+from .budget import MemoryBudget
+from .health import ExpertHealth
+from .lifecycle import FAILED, Lifecycle
+from .output_tail import OutputTail
+from .prompt import Prompts
 from .servicer import ExpertServicer
 
 log = logging.getLogger(__name__)
-SERVICE = pb.DESCRIPTOR.services_by_name["Expert"].full_name
-WATCHDOG_INTERVAL_S = 1.0
+HOUSEKEEPING_INTERVAL_S = 0.5
 
 
-async def _watchdog(host: EngineHost, health: Health, stop: asyncio.Event) -> None:
-    """Turn health NOT_SERVING and stop the process when the engine dies."""
-    while not stop.is_set():
-        await asyncio.sleep(WATCHDOG_INTERVAL_S)
-        if host.engine_died():
-            log.error("expert %s: %s; stopping", host.cfg.expert_id, host.last_error)
-            await health.set(False)
+async def _housekeeping(life: Lifecycle, stop: asyncio.Event) -> None:
+    """Watch for engine death (then stop the process) and for idleness (then unload)."""
+    limit = life.cfg.idle_unload_after_s
+    while True:
+        await asyncio.sleep(HOUSEKEEPING_INTERVAL_S)
+        if life.check_engine():
+            log.error("expert %s: %s; stopping so that it is restarted", life.cfg.expert_id, life.last_error)
             stop.set()
+            return
+        if life.idle_unload_due():
+            life.request_unload(f"idle for {life.idle_seconds:.0f} s (idle_unload_after_s={limit:g})")
 
 
-async def serve(cfg: ExpertConfig, port: int, grace_s: float) -> int:
+async def _warm_tokenizer(prompts: Prompts) -> None:
+    try:
+        await prompts.tokenizer()
+    except Unavailable as e:
+        log.warning("%s (requests will retry)", e)
+
+
+async def serve(cfg: ExpertConfig, port: int, grace_s: float, mesh: MeshConfig | None = None) -> int:
     """Serve until a signal or engine death; return the process exit code."""
+    output = OutputTail().install()  # so that a failed load reports the engine processes' error
     stop = stop_event_on_signals()
+    telemetry = start_telemetry(
+        Identity("expert", cfg.expert_id, cfg.domain, cfg.model_path), cfg.metrics_port, cfg.host
+    )
+    budget = MemoryBudget.for_mesh(mesh, cfg.expert_id)
+    life = Lifecycle(cfg, before_load=budget.make_room if budget else None, output=output)
+    watch_expert(
+        cfg.expert_id,
+        lambda: life.state,
+        lambda: life.engine.get_num_unfinished_requests() if life.engine else 0,
+    )
     server = grpc.aio.server(options=SERVER_OPTIONS)
-    async with engine_host(cfg) as host:
-        pb_grpc.add_ExpertServicer_to_server(ExpertServicer(host), server)
-        health = Health(server, [SERVICE])
-        await health.set(False)
+    prompts = Prompts(cfg)
+    pb_grpc.add_ExpertServicer_to_server(ExpertServicer(life, prompts), server)
+    health = ExpertHealth(server, life)
+    await health.apply()
+    try:
         bound = bind(server, cfg.host, port)
-        await server.start()
-        log.info("expert %s listening on %s:%d (NOT_SERVING until loaded)", cfg.expert_id, cfg.host, bound)
-        exit_code = 0
-        try:
-            load = asyncio.create_task(host.load())
-            stopped = asyncio.create_task(stop.wait())
-            await asyncio.wait({load, stopped}, return_when=asyncio.FIRST_COMPLETED)
-            if load.done() and load.exception() is None:
-                await health.set(True)
-                log.info("expert %s SERVING", cfg.expert_id)
-                watchdog = asyncio.create_task(_watchdog(host, health, stop))
-                await stop.wait()
-                watchdog.cancel()
-                exit_code = 1 if host.state == pb.EXPERT_STATE_FAILED else 0
-            elif load.done():
-                # Keep the real cause visible to Info callers until told to stop.
-                exit_code = 1
-                await stop.wait()
-            else:
-                load.cancel()
-        finally:
-            await health.set(False)
-            await server.stop(grace_s)
-            log.info("expert %s stopped", cfg.expert_id)
-    return exit_code
+    except (OSError, RuntimeError) as e:  # grpcio raises RuntimeError for a port in use
+        log.error("expert %s cannot listen on %s:%d: %s", cfg.expert_id, cfg.host, port, e)
+        telemetry.stop()
+        output.close()
+        return 1
+    await server.start()
+    log.info("expert %s listening on %s:%d (load: %s)", cfg.expert_id, cfg.host, bound, cfg.load)
+    if cfg.load == "eager":
+        life.start_load(on_demand=False)
+    # The tokenizer (and the vLLM import it needs) is cheap next to the engine: have it ready
+    # before the first request, so that a cold expert validates and tokenizes at once.
+    warm = asyncio.create_task(_warm_tokenizer(prompts))
+    keeper = asyncio.create_task(_housekeeping(life, stop))
+    try:
+        await stop.wait()
+    finally:
+        keeper.cancel()
+        warm.cancel()
+        await health.shutdown()
+        await server.stop(grace_s)
+        await life.close(grace_s)
+        telemetry.stop()  # export the last spans
+        log.info("expert %s stopped", cfg.expert_id)
+        output.close()
+    return 1 if life.state == FAILED else 0

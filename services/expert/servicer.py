@@ -1,69 +1,142 @@
-"""expertmesh.v1.Expert: Generate streams new text from the engine as it is produced."""
+"""expertmesh.v1.Expert: Generate, Info, Load, Unload and Tokenize over one expert's lifecycle."""
 
 from __future__ import annotations
 
+import asyncio
+import time
 import uuid
 from collections.abc import AsyncIterator
+from typing import Any
 
 import grpc
 
-from expertmesh.errors import grpc_errors
+from expertmesh.errors import ResourceExhausted, Unavailable, grpc_errors
+from expertmesh.telemetry import expert_generate, trace_headers
 from expertmesh.v1 import expertmesh_pb2 as pb
 from expertmesh.v1 import expertmesh_pb2_grpc as pb_grpc
 
-from .engine import EngineHost
-from .request import prompt_text, sampling_params
+from .engine import tree_rss
+from .lifecycle import FAILED, READY, Lifecycle
+from .prompt import Prompts
+from .request import fit_max_tokens, sampling_kwargs, sampling_params
+from .stream import Chunker
+
+
+def describe(life: Lifecycle) -> pb.InfoResponse:
+    """The expert's Info: model, settings, state, load facts, activity."""
+    cfg = life.cfg
+    engine = life.engine
+    return pb.InfoResponse(
+        expert_id=cfg.expert_id,
+        domain=cfg.domain,
+        model_path=cfg.model_path,
+        dtype=cfg.dtype,
+        quantization=cfg.quantization or "",
+        max_model_len=life.max_model_len or 0,
+        state=life.state,  # type: ignore[arg-type]
+        load_seconds=life.load_seconds,
+        last_error=life.last_error,
+        requests_in_flight=life.in_flight,
+        engine_unfinished_requests=engine.get_num_unfinished_requests() if engine is not None else 0,
+        load_count=life.load_count,
+        idle_seconds=life.idle_seconds,
+        memory_bytes=tree_rss(),
+        unload_reason=life.unload_reason,
+        load_mode=cfg.load,
+    )
+
+
+def _admit(life: Lifecycle, engine: Any) -> None:
+    """RESOURCE_EXHAUSTED when the engine already holds ``max_queue`` requests.
+
+    vLLM enforces the same limit (max_num_queued_reqs); checking first gives the caller the
+    expert and the limit instead of vLLM's generic "busy" text.
+    """
+    limit = life.cfg.max_queue
+    if limit is not None and engine.get_num_unfinished_requests() >= limit:
+        raise ResourceExhausted(
+            f"expert {life.cfg.expert_id} is full: {limit} requests running or queued (max_queue); "
+            f"retry later or on another expert"
+        )
 
 
 class ExpertServicer(pb_grpc.ExpertServicer):
-    """Serves one expert's engine."""
+    """Serves one expert. Requests are validated (and measured against the context) before the
+    engine, or a lazy load, is involved; the engine only ever sees requests it can run."""
 
-    def __init__(self, host: EngineHost) -> None:
-        self.host = host
-        self.in_flight = 0
+    def __init__(self, life: Lifecycle, prompts: Prompts) -> None:
+        self.life = life
+        self.prompts = prompts
 
     @grpc_errors
+    @expert_generate
     async def Generate(
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.GenerateResponse]:
-        engine = self.host.ready_engine()
-        params = sampling_params(request.sampling)
-        prompt = prompt_text(request, engine.get_tokenizer(), self.host.cfg.chat_template)
+        life = self.life
+        kwargs = sampling_kwargs(request.sampling)
+        token_ids = await self.prompts.token_ids(request.prompt, request.messages)
+        if life.max_model_len:  # known before any load when configured: fail without loading
+            fit_max_tokens(len(token_ids), request.sampling, life.max_model_len)
         request_id = request.request_id or uuid.uuid4().hex
-        expert_id = self.host.cfg.expert_id
-        completion_tokens = 0
-        self.in_flight += 1
-        try:
-            # Cancelling this handler (client cancel, deadline) raises CancelledError inside
-            # engine.generate, which aborts the engine request.
-            async for out in engine.generate(prompt, params, request_id):
-                piece = out.outputs[0]
-                completion_tokens += len(piece.token_ids)
-                msg = pb.GenerateResponse(
-                    text=piece.text, token_ids=piece.token_ids, expert_id=expert_id, request_id=request_id
-                )
-                if out.finished:
-                    msg.finish_reason = piece.finish_reason or ""
-                    msg.usage.prompt_tokens = len(out.prompt_token_ids or ())
-                    msg.usage.completion_tokens = completion_tokens
-                yield msg
-        finally:
-            self.in_flight -= 1
+        with life.use():
+            was_ready, started = life.state == READY, time.monotonic()
+            engine = await life.ensure_ready()
+            waited = 0.0 if was_ready else time.monotonic() - started
+            assert life.max_model_len is not None  # known once loaded
+            _admit(life, engine)
+            max_tokens = fit_max_tokens(len(token_ids), request.sampling, life.max_model_len)
+            params = sampling_params(kwargs, max_tokens)
+            chunker = Chunker(life.cfg.expert_id, request_id, len(token_ids), kwargs.get("logprobs"))
+            # The engine's id is unique even when a caller reuses request_id for concurrent calls.
+            engine_request_id = f"{request_id}-{uuid.uuid4().hex[:8]}"
+            # Cancelling this handler (client cancel, deadline, shutdown) raises CancelledError
+            # inside engine.generate, which aborts the engine request.
+            stream = engine.generate(
+                {"prompt_token_ids": token_ids},
+                params,
+                engine_request_id,
+                trace_headers=trace_headers(engine),
+            )
+            try:
+                async for out in stream:
+                    msg = chunker.chunk(out)
+                    if waited:
+                        msg.load_wait_seconds, waited = waited, 0.0
+                    yield msg
+            except Exception as e:
+                if life.check_engine():  # the engine died under this request: say whose and why
+                    raise Unavailable(life.failure()) from e
+                raise
 
     @grpc_errors
     async def Info(self, request: pb.InfoRequest, context: grpc.aio.ServicerContext) -> pb.InfoResponse:
-        cfg = self.host.cfg
-        engine = self.host.engine
-        return pb.InfoResponse(
-            expert_id=cfg.expert_id,
-            domain=cfg.domain,
-            model_path=cfg.model_path,
-            dtype=cfg.dtype,
-            quantization=cfg.quantization or "",
-            max_model_len=cfg.max_model_len or 0,
-            state=self.host.state,  # type: ignore[arg-type]
-            load_seconds=self.host.load_seconds,
-            last_error=self.host.last_error,
-            requests_in_flight=self.in_flight,
-            engine_unfinished_requests=engine.get_num_unfinished_requests() if engine else 0,
+        return describe(self.life)
+
+    @grpc_errors
+    async def Load(self, request: pb.LoadRequest, context: grpc.aio.ServicerContext) -> pb.InfoResponse:
+        # A FAILED expert answers UNAVAILABLE (as Generate does), so callers fail over the same way
+        # whichever RPC they used; the message carries the original cause.
+        if self.life.state == FAILED:
+            raise Unavailable(self.life.failure())
+        if request.wait:
+            await self.life.ensure_ready(wait_initial=True)
+        else:
+            self.life.start_load()
+        return describe(self.life)
+
+    @grpc_errors
+    async def Unload(self, request: pb.UnloadRequest, context: grpc.aio.ServicerContext) -> pb.InfoResponse:
+        task = self.life.request_unload(request.reason or "Unload requested")
+        if task is not None:
+            await asyncio.shield(task)
+        return describe(self.life)
+
+    @grpc_errors
+    async def Tokenize(
+        self, request: pb.TokenizeRequest, context: grpc.aio.ServicerContext
+    ) -> pb.TokenizeResponse:
+        token_ids = await self.prompts.token_ids(request.prompt, request.messages)
+        return pb.TokenizeResponse(
+            token_ids=token_ids, count=len(token_ids), max_model_len=self.life.max_model_len or 0
         )

@@ -1,0 +1,58 @@
+"""vLLM RequestOutput (DELTA) -> GenerateResponse chunks, with optional per-token logprobs."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from expertmesh.v1 import expertmesh_pb2 as pb
+
+
+def token_logprobs(
+    token_ids: list[int], logprobs: list[dict[int, Any]] | None, top: int
+) -> list[pb.TokenLogprob]:
+    """One TokenLogprob per new token: the sampled token and the ``top`` most likely ones.
+
+    vLLM gives, per position, a dict token_id -> Logprob(logprob, rank, decoded_token) holding
+    the sampled token and the top-k alternatives (the sampled one may be among them or not).
+    """
+    out: list[pb.TokenLogprob] = []
+    for token_id, alternatives in zip(token_ids, logprobs or (), strict=False):
+        sampled = alternatives.get(token_id)
+        entry = pb.TokenLogprob(token_id=token_id)
+        if sampled is not None:
+            entry.token = sampled.decoded_token or ""
+            entry.logprob = sampled.logprob
+            entry.rank = sampled.rank or 0
+        best = sorted(alternatives.items(), key=lambda kv: kv[1].rank or 0)
+        for alt_id, alt in best:
+            if alt.rank is not None and 0 < alt.rank <= top:
+                entry.top.add(token_id=alt_id, token=alt.decoded_token or "", logprob=alt.logprob)
+        out.append(entry)
+    return out
+
+
+class Chunker:
+    """Builds the stream's messages for one request and counts what was generated."""
+
+    def __init__(self, expert_id: str, request_id: str, prompt_tokens: int, logprobs: int | None) -> None:
+        self.expert_id = expert_id
+        self.request_id = request_id
+        self.prompt_tokens = prompt_tokens
+        self.logprobs = logprobs
+        self.completion_tokens = 0
+
+    def chunk(self, out: Any) -> pb.GenerateResponse:
+        """The message for one RequestOutput; ``finish_reason`` and ``usage`` on the last."""
+        piece = out.outputs[0]
+        ids = list(piece.token_ids)
+        self.completion_tokens += len(ids)
+        msg = pb.GenerateResponse(
+            text=piece.text, token_ids=ids, expert_id=self.expert_id, request_id=self.request_id
+        )
+        if self.logprobs is not None:
+            msg.logprobs.extend(token_logprobs(ids, piece.logprobs, self.logprobs))
+        if out.finished:
+            msg.finish_reason = piece.finish_reason or ""
+            msg.usage.prompt_tokens = self.prompt_tokens
+            msg.usage.completion_tokens = self.completion_tokens
+        return msg

@@ -1,0 +1,85 @@
+"""Helpers for the expert tests: run expert processes, read Info, wait for a state."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import grpc
+import psutil
+
+from expertmesh.v1 import expertmesh_pb2 as pb
+from expertmesh.v1 import expertmesh_pb2_grpc as pb_grpc
+
+from .support import VENV_BIN
+
+
+def start_expert(config: Path, expert_id: str, log_dir: Path) -> subprocess.Popen[bytes]:
+    """``python -m expertmesh.services.expert`` in its own process group, logging to a file."""
+    log_dir.mkdir(parents=True, exist_ok=True)
+    with (log_dir / f"{expert_id}.log").open("ab") as out:
+        return subprocess.Popen(
+            [
+                str(VENV_BIN / "python"),
+                "-m",
+                "expertmesh.services.expert",
+                "--config",
+                str(config),
+                "--expert-id",
+                expert_id,
+            ],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+
+def stop_group(proc: subprocess.Popen[bytes], timeout: float = 30) -> None:
+    """SIGTERM the process group, then SIGKILL whatever is left after ``timeout``."""
+    family = []
+    with contextlib.suppress(psutil.Error):
+        family = psutil.Process(proc.pid).children(recursive=True)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    for p in family:
+        with contextlib.suppress(psutil.Error):
+            p.kill()
+    proc.wait(10)
+
+
+def tree_rss(pid: int) -> int:
+    """Resident bytes of ``pid`` and all its descendants."""
+    root = psutil.Process(pid)
+    total = 0
+    for p in [root, *root.children(recursive=True)]:
+        with contextlib.suppress(psutil.Error):
+            total += p.memory_info().rss
+    return total
+
+
+async def info(address: str, timeout: float = 5) -> pb.InfoResponse:
+    """The expert's Info."""
+    async with grpc.aio.insecure_channel(address) as channel:
+        return await pb_grpc.ExpertStub(channel).Info(pb.InfoRequest(), timeout=timeout)
+
+
+async def wait_state(address: str, state: int, timeout: float = 300) -> pb.InfoResponse:
+    """Poll Info until the expert is in ``state`` (no fixed sleeps: each poll is an RPC)."""
+    deadline = time.monotonic() + timeout
+    last: pb.InfoResponse | None = None
+    while time.monotonic() < deadline:
+        with contextlib.suppress(grpc.aio.AioRpcError):
+            last = await info(address, timeout=2)
+            if last.state == state:
+                return last
+        await asyncio.sleep(0.2)
+    raise TimeoutError(f"{address} not {pb.ExpertState.Name(state)} after {timeout} s; last Info: {last}")  # type: ignore[arg-type]

@@ -1,0 +1,200 @@
+"""Unit tests of the expert lifecycle state machine, with a stand-in engine (no vLLM).
+
+The real engines are exercised by test_expert_lifecycle.py and test_expert_errors.py; here the
+transitions, the use counting and the failure texts are checked quickly and exactly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+import textwrap
+import threading
+from typing import Any
+
+import grpc
+import pytest
+
+from expertmesh.config import ExpertConfig
+from expertmesh.errors import MeshError, ResourceExhausted, status_for
+from expertmesh.services.expert import lifecycle as lc
+from expertmesh.services.expert.lifecycle import COLD, FAILED, LOADING, READY, Lifecycle
+from expertmesh.services.expert.output_tail import OutputTail, root_cause
+
+
+class FakeEngine:
+    """What the lifecycle uses of AsyncLLM."""
+
+    class model_config:  # mirrors vLLM's attribute name
+        max_model_len = 512
+
+    def __init__(self) -> None:
+        self.errored = False
+        self.dead_error: BaseException = RuntimeError("EngineCore died")
+        self.shut_down = False
+
+    def shutdown(self) -> None:
+        self.shut_down = True
+
+
+def _cfg(**extra: Any) -> ExpertConfig:
+    return ExpertConfig(expert_id="e", domain="d", model_path="/nowhere", **extra)
+
+
+@pytest.fixture
+def gate(monkeypatch: pytest.MonkeyPatch) -> threading.Event:
+    """build_engine blocks until the test sets the returned event."""
+    release = threading.Event()
+
+    def build(cfg: ExpertConfig) -> FakeEngine:
+        assert release.wait(10)
+        return FakeEngine()
+
+    monkeypatch.setattr(lc, "build_engine", build)
+    return release
+
+
+async def test_lazy_load_on_demand_then_unload(gate: threading.Event) -> None:
+    life = Lifecycle(_cfg(load="lazy"))
+    seen: list[int] = []
+    life.on_change(lambda: seen.append(life.state))
+    assert (life.state, life.on_demand) == (COLD, True)
+    with life.use():
+        waiter = asyncio.create_task(life.ensure_ready())
+        await asyncio.sleep(0.05)
+        assert life.state == LOADING
+        gate.set()
+        engine = await waiter
+    assert life.state == READY and life.load_count == 1 and life.max_model_len == 512
+    with life.use(), pytest.raises(MeshError) as err:
+        life.request_unload("test")
+    assert status_for(err.value) == (
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "expert e has 1 requests in flight; not unloading",
+    )
+    task = life.request_unload("test")
+    assert task is not None and life.state == lc.UNLOADING and life.engine is None
+    await task
+    assert (life.state, life.unload_reason, engine.shut_down) == (COLD, "test", True)
+    assert seen == [LOADING, READY, lc.UNLOADING, COLD]
+
+
+async def test_a_deadline_while_waiting_does_not_cancel_the_load(gate: threading.Event) -> None:
+    life = Lifecycle(_cfg(load="lazy"))
+    with pytest.raises(asyncio.TimeoutError):
+        await asyncio.wait_for(life.ensure_ready(), 0.1)
+    assert life.state == LOADING
+    gate.set()
+    await life.ensure_ready()
+    assert life.state == READY
+
+
+async def test_failed_load_keeps_the_root_cause(monkeypatch: pytest.MonkeyPatch) -> None:
+    tail = OutputTail()
+
+    def build(cfg: ExpertConfig) -> None:
+        worker = "(Worker pid=7) ERROR 11-24 02:10:52 [multiproc_executor.py:953] "
+        tail.add(worker + "WorkerProc failed to start.")
+        tail.add(worker + "Traceback (most recent call last):")
+        tail.add(worker + '  File "x.py", line 1, in f')
+        tail.add(
+            worker + "safetensors._safetensors_rust.SafetensorError: Error while deserializing header: "
+            "incomplete metadata"
+        )
+        tail.add("Traceback (most recent call last):")
+        tail.add("Exception: WorkerProc initialization failed due to an exception in a background process.")
+        raise RuntimeError("Engine core initialization failed. See root cause above.")
+
+    monkeypatch.setattr(lc, "build_engine", build)
+    life = Lifecycle(_cfg(), output=tail)
+    life.start_load(on_demand=False)
+    with pytest.raises(MeshError) as err:
+        await life.ensure_ready(wait_initial=True)
+    expected = (
+        "safetensors._safetensors_rust.SafetensorError: Error while deserializing header: "
+        "incomplete metadata (vLLM: RuntimeError: Engine core initialization failed. See root cause above.)"
+    )
+    assert (life.state, life.last_error) == (FAILED, expected)
+    assert status_for(err.value) == (grpc.StatusCode.UNAVAILABLE, f"expert e is FAILED: {expected}")
+    assert life.request_unload("x") is None  # nothing to release; FAILED stays FAILED
+
+
+async def test_callers_do_not_wait_for_an_eager_first_load(gate: threading.Event) -> None:
+    life = Lifecycle(_cfg())  # eager: NOT_SERVING while it loads, so callers are told to go elsewhere
+    life.start_load(on_demand=False)
+    with pytest.raises(MeshError) as err:
+        await life.ensure_ready()
+    assert status_for(err.value) == (
+        grpc.StatusCode.UNAVAILABLE,
+        "expert e is LOADING (started 0 s ago); retry later or on another expert",
+    )
+    gate.set()
+    await life.ensure_ready(wait_initial=True)  # Load(wait=true) waits
+    assert life.state == READY and life.on_demand  # once loaded, a reload is waited for
+
+
+async def test_budget_refusal_returns_to_cold(gate: threading.Event) -> None:
+    async def refuse(life: Lifecycle) -> None:
+        raise ResourceExhausted("memory budget 1.0 GiB: no idle expert is left to unload")
+
+    life = Lifecycle(_cfg(load="lazy"), before_load=refuse)
+    with pytest.raises(ResourceExhausted):
+        await life.ensure_ready()
+    assert life.state == COLD and life.load_count == 0
+
+
+async def test_engine_death_fails_the_expert(gate: threading.Event) -> None:
+    gate.set()
+    life = Lifecycle(_cfg(idle_unload_after_s=0.01))
+    life.start_load(on_demand=False)
+    engine = await life.ensure_ready(wait_initial=True)
+    await asyncio.sleep(0.02)
+    assert life.idle_unload_due()
+    engine.errored = True
+    assert life.check_engine()
+    assert (life.state, life.last_error) == (FAILED, "engine died: RuntimeError: EngineCore died")
+    await life.close(1)
+    assert engine.shut_down and life.state == FAILED
+
+
+def test_illegal_transitions_are_refused() -> None:
+    life = Lifecycle(_cfg())
+    with pytest.raises(RuntimeError, match="illegal expert state transition COLD -> READY"):
+        life._set(READY)
+
+
+def test_root_cause_picks_the_first_exception_of_a_traceback() -> None:
+    lines = [
+        "INFO something: Error rate 0",  # not in a traceback
+        "Traceback (most recent call last):",
+        '  File "a.py", line 3, in <module>',
+        "    raise KeyError('x')",
+        "KeyError: 'x'",
+        "Traceback (most recent call last):",
+        "RuntimeError: later",
+    ]
+    assert root_cause(lines) == "KeyError: 'x'"
+    assert root_cause(["no traceback here"]) is None
+
+
+def test_output_tail_sees_what_child_processes_print() -> None:
+    """The tee passes everything through and keeps what children (like vLLM's) write to fd 1 and 2."""
+    program = textwrap.dedent(
+        """
+        import subprocess, sys
+        from expertmesh.services.expert.output_tail import OutputTail, root_cause
+        tail = OutputTail().install()
+        mark = tail.position
+        print("parent line", flush=True)
+        child = "import sys; print('child out'); raise KeyError('weights.bin')"
+        subprocess.run([sys.executable, "-c", child])
+        tail.close()
+        print("CAUSE", root_cause(tail.since(mark)))
+        """
+    )
+    done = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert "parent line\nchild out\n" in done.stdout
+    assert "KeyError: 'weights.bin'" in done.stderr  # passed through unchanged
+    assert done.stdout.endswith("CAUSE KeyError: 'weights.bin'\n")
