@@ -1,0 +1,78 @@
+"""Benchmarks: the mesh against in-process vLLM and vLLM's own servers, side by side.
+
+``expertmesh bench [--quick] [--out DIR]`` measures, in one run, on the same tiny model with
+the same engine settings and the same load:
+
+- ``inprocess``: ``AsyncLLM.generate`` with no serving layer (the limit);
+- ``expert``: straight to one expert over gRPC;
+- ``gateway``: through the gateway to that expert;
+- ``vllm_grpc``: vLLM's own gRPC server;
+- ``vllm_openai``: vLLM's OpenAI-compatible HTTP server, streaming;
+
+at 1, 8, 32 and 128 concurrent streams, and writes ``DIR/results.json``, ``DIR/results.png``,
+``DIR/results.md`` and the servers' logs under ``DIR/logs/``. See ``bench/README.md`` for the targets.
+"""
+
+from __future__ import annotations
+
+import platform
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import psutil
+
+__all__ = ["main_bench"]
+
+
+def _say(line: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] bench: {line}", file=sys.stderr, flush=True)
+
+
+def main_bench(quick: bool, out: Path) -> int:
+    """Run every scenario, write ``out/results.json`` and ``out/results.png``, print the tables.
+
+    Returns 0 when every scenario was measured, 1 when any failed (its error is printed and
+    stored under ``errors`` in the JSON). Speed targets are reported, never turned into failures.
+    """
+    from .load import run_async
+    from .plan import EngineSettings, LoadPlan, default_model
+    from .report import markdown, plot, print_tables, write_json
+    from .scenarios import Context, run_groups
+
+    started = time.monotonic()
+    out.mkdir(parents=True, exist_ok=True)
+    settings = EngineSettings(model=str(default_model()))
+    plan = LoadPlan.quick() if quick else LoadPlan.full()
+    _say(
+        f"{'quick' if quick else 'full'} run, {plan.max_tokens} output tokens per request, "
+        f"requests per level {plan.requests}; output in {out}"
+    )
+    # A quick run starts the next engine while one is measured: half the wall time, noisier numbers.
+    results = run_async(run_groups(Context(settings, plan, out, _say), overlap=quick))
+    elapsed = time.monotonic() - started
+    doc = write_json(
+        out / "results.json",
+        results.scenarios,
+        {
+            "errors": results.errors,
+            "details": results.details,
+            "settings": asdict(settings),
+            "plan": plan.describe(),
+            "machine": {
+                "cpus": psutil.cpu_count(),
+                "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
+                "python": platform.python_version(),
+                "platform": platform.platform(),
+            },
+            "quick": quick,
+            "elapsed_s": round(elapsed, 1),
+        },
+    )
+    (out / "results.md").write_text(markdown(doc, plan.concurrency))
+    if results.scenarios:
+        plot(out / "results.png", results.scenarios, plan.concurrency)
+    print_tables(results.scenarios, plan.concurrency, results.errors)
+    _say(f"done in {elapsed:.0f} s: {out / 'results.json'}, {out / 'results.png'}")
+    return 1 if results.errors else 0

@@ -1,0 +1,407 @@
+"""The scenario groups: each starts its servers, measures, and stops them.
+
+- ``inprocess``: AsyncLLM in a child process (:mod:`bench.inprocess`);
+- ``expert`` and ``gateway``: one expert process and a gateway in front of it; every trial at
+  every concurrency level is measured straight to the expert, then through the gateway, so that
+  the two share the machine's conditions as closely as possible;
+- ``vllm_grpc``: vLLM's gRPC server (``vllm.grpc.engine.VllmEngine``);
+- ``vllm_openai``: vLLM's OpenAI-compatible HTTP server, streaming.
+
+A full run measures one group at a time with nothing else of its own alive. A quick run
+starts the next group's engine while the current one is measured (never more than two
+engines), which halves its wall time at the cost of noisier numbers. Every group gets the
+same untimed warm-up before it is measured.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from expertmesh.config import GatewayConfig, MeshConfig
+from expertmesh.v1 import expertmesh_pb2_grpc as pb_grpc
+
+from .clients import mesh_client, mesh_requests, openai_client, vllm_grpc_client
+from .inprocess import InProcessRunner
+from .load import BenchError, LoadResult, OneRequest, run_load
+from .plan import EXPERT_ID, EngineSettings, LoadPlan
+from .procs import ProcessSampler, Server, free_port, wait_for_quiet
+
+HOST = "127.0.0.1"
+
+
+@dataclass
+class Results:
+    """Everything measured: the reported numbers, the details behind them, and failures."""
+
+    scenarios: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)
+    details: dict[str, dict[str, Any]] = field(default_factory=dict)
+    errors: dict[str, str] = field(default_factory=dict)
+
+    def add(self, scenario: str, result: LoadResult, sampler: ProcessSampler) -> dict[str, float]:
+        """Record one trial of one scenario at one concurrency; return its numbers.
+
+        With several trials the one with the highest tokens/s is reported (on a shared
+        machine noise only ever slows a run down); peak RSS is the highest of all trials.
+        """
+        key = str(result.concurrency)
+        row = {**result.summary(), "peak_rss_mib": sampler.peak_total_mib}
+        runs = self.details.setdefault(scenario, {}).setdefault("runs", {})
+        detail = runs.setdefault(key, {"trials_tok_s": []})
+        detail["trials_tok_s"].append(round(row["tok_s"], 1))
+        levels = self.scenarios.setdefault(scenario, {})
+        best = levels.get(key)
+        if best is None or row["tok_s"] > best["tok_s"]:
+            if best is not None:
+                row["peak_rss_mib"] = max(row["peak_rss_mib"], best["peak_rss_mib"])
+            levels[key] = row
+            detail.update(result.details())
+            detail["peak_rss_mib_by_process"] = sampler.peaks_mib()
+            detail["cpu_cores_by_process"] = sampler.cpu_cores()
+        else:
+            best["peak_rss_mib"] = max(best["peak_rss_mib"], row["peak_rss_mib"])
+        return row
+
+
+@dataclass
+class Context:
+    """What every group shares: settings, plan, where logs go, how to report."""
+
+    settings: EngineSettings
+    plan: LoadPlan
+    out: Path
+    say: Callable[[str], None]
+    results: Results = field(default_factory=Results)
+
+    @property
+    def log_dir(self) -> Path:
+        """Where each server writes its log."""
+        return self.out / "logs"
+
+    def started(self, scenario: str, seconds: float) -> None:
+        """Note how long a scenario's server took to become ready."""
+        self.results.details.setdefault(scenario, {})["startup_s"] = round(seconds, 1)
+        self.say(f"{scenario}: ready after {seconds:.1f} s")
+
+    async def warm_up(self, one: OneRequest) -> None:
+        """The untimed warm-up every scenario gets."""
+        n = self.plan.warmup_requests
+        await run_load(one, min(n, 32), n, self.plan.warmup_max_tokens)
+
+    async def settle(self, scenario: str, concurrency: int, roots: dict[str, int]) -> None:
+        """Before a trial: wait (bounded) until the rest of the machine is quiet; say when it was not."""
+        if self.plan.quiet_wait_s <= 0:
+            return
+        started = time.monotonic()
+        busy = await wait_for_quiet(roots, self.plan.quiet_wait_s)
+        waited = time.monotonic() - started
+        if waited > 2:
+            note = "quiet" if busy < 0.4 else f"still busy ({busy:.2f} cores), measuring anyway"
+            self.say(f"{scenario} {concurrency} streams: waited {waited:.0f} s for other load: {note}")
+
+    async def measure(self, scenario: str, one: OneRequest, roots: dict[str, int], concurrency: int) -> None:
+        """One trial with the load generated here, sampling the servers' process trees."""
+        await self.settle(scenario, concurrency, roots)
+        with ProcessSampler(roots, client=os.getpid()) as sampler:
+            result = await run_load(one, concurrency, self.plan.requests[concurrency], self.plan.max_tokens)
+        self.record(scenario, result, sampler)
+
+    def record(self, scenario: str, result: LoadResult, sampler: ProcessSampler) -> None:
+        """Store one trial and print a progress line with where the CPU went."""
+        row = self.results.add(scenario, result, sampler)
+        cpu = ", ".join(f"{k.rsplit('/', 1)[-1]} {v:.2f}" for k, v in sampler.cpu_cores().items())
+        self.say(
+            f"{scenario:<11} {result.concurrency:>3} streams: {row['tok_s']:6.0f} tok/s  "
+            f"TTFT p50 {row['ttft_p50_ms']:6.1f} ms  ITL p50 {row['itl_p50_ms']:5.2f} ms  "
+            f"RSS {row['peak_rss_mib']:5.0f} MiB  cores: {cpu}"
+        )
+
+
+class Group(ABC):
+    """Scenarios that share servers: started once, measured, stopped."""
+
+    names: tuple[str, ...] = ()
+
+    def __init__(self, ctx: Context) -> None:
+        self.ctx = ctx
+
+    @abstractmethod
+    async def start(self) -> None:
+        """Start the servers and wait until they are ready."""
+
+    @abstractmethod
+    async def measure(self) -> None:
+        """Warm up, then measure every trial at every concurrency level."""
+
+    @abstractmethod
+    async def stop(self) -> None:
+        """Stop every process this group started (also after a failed or cancelled start)."""
+
+
+class InProcessGroup(Group):
+    """Scenario ``inprocess``: the load runs inside the engine's own process."""
+
+    names = ("inprocess",)
+
+    def __init__(self, ctx: Context) -> None:
+        super().__init__(ctx)
+        self.runner = InProcessRunner(ctx.settings, ctx.log_dir)
+
+    async def start(self) -> None:
+        """Start the child process and wait for its engine."""
+        self.ctx.say("inprocess: starting AsyncLLM in a child process ...")
+        self.ctx.started("inprocess", await self.runner.start())
+
+    async def measure(self) -> None:
+        """Every load runs in the child; the parent only samples its process tree."""
+        plan = self.ctx.plan
+        prompts = list(plan.prompts)
+        n = plan.warmup_requests
+        await self.runner.run(prompts, min(n, 32), n, plan.warmup_max_tokens, plan.temperature)
+        roots = {"inprocess": self.runner.pid}
+        for c, _ in plan.levels():
+            await self.ctx.settle("inprocess", c, roots)
+            with ProcessSampler(roots) as sampler:
+                result = await self.runner.run(
+                    prompts, c, plan.requests[c], plan.max_tokens, plan.temperature
+                )
+            self.ctx.record("inprocess", result, sampler)
+
+    async def stop(self) -> None:
+        """Shut the child's engine down."""
+        await self.runner.stop()
+
+
+class MeshGroup(Group):
+    """Scenarios ``expert`` and ``gateway``: one expert process, and a gateway in front of it."""
+
+    names = ("expert", "gateway")
+
+    def __init__(self, ctx: Context) -> None:
+        super().__init__(ctx)
+        self.expert: Server | None = None
+        self.gateway: Server | None = None
+        self.expert_addr = self.gateway_addr = ""
+
+    def _servers(self) -> tuple[Server, Server]:
+        """A one-expert mesh config on free ports, and the two processes that serve it."""
+        ctx = self.ctx
+        expert = ctx.settings.expert_config().model_copy(update={"host": HOST, "port": free_port()})
+        config = MeshConfig(
+            experts=[expert],
+            gateway=GatewayConfig(host=HOST, port=free_port()),
+            grace_period_s=5,
+            max_restarts=0,
+        )
+        path = ctx.out / "mesh.json"
+        path.write_text(json.dumps(config.model_dump(mode="json", exclude_none=True), indent=2))
+        self.expert_addr = config.expert_address(0)
+        self.gateway_addr = f"{HOST}:{config.gateway.port}"
+        args = ["--config", str(path)]
+        expert_server = Server.python_module(
+            "expert",
+            "expertmesh.services.expert",
+            [*args, "--expert-id", EXPERT_ID, "--port", str(config.expert_port(0))],
+            ctx.log_dir,
+            env=ctx.settings.env(),
+        )
+        gateway_server = Server.python_module(
+            "gateway", "expertmesh.gateway", [*args, "--port", str(config.gateway.port)], ctx.log_dir
+        )
+        return expert_server, gateway_server
+
+    async def start(self) -> None:
+        """Start the expert and the gateway together; the gateway is ready once it sees the expert."""
+        self.expert, self.gateway = expert, gateway = self._servers()
+        self.ctx.say(f"expert: starting at {self.expert_addr}, gateway at {self.gateway_addr} ...")
+        await expert.start()
+        await gateway.start()
+        self.ctx.started("expert", await expert.wait_grpc_health(self.expert_addr))
+        self.ctx.started("gateway", await gateway.wait_grpc_health(self.gateway_addr))
+
+    async def measure(self) -> None:
+        """One channel per scenario, shared by all its streams; expert and gateway alternate."""
+        ctx, plan = self.ctx, self.ctx.plan
+        async with (
+            grpc.aio.insecure_channel(self.expert_addr) as expert_channel,
+            grpc.aio.insecure_channel(self.gateway_addr) as gateway_channel,
+        ):
+            direct = pb_grpc.ExpertStub(expert_channel).Generate
+            routed = pb_grpc.GatewayStub(gateway_channel).Generate
+            warm = mesh_requests(plan, plan.warmup_max_tokens)
+            await ctx.warm_up(mesh_client(direct, warm))
+            await ctx.warm_up(mesh_client(routed, warm))
+            requests = mesh_requests(plan, plan.max_tokens)
+            assert self.expert is not None and self.gateway is not None
+            alone = {"expert": self.expert.pid}
+            both = {"gateway": self.gateway.pid, "expert": self.expert.pid}
+            for c, _ in plan.levels():
+                await ctx.measure("expert", mesh_client(direct, requests), alone, c)
+                await ctx.measure("gateway", mesh_client(routed, requests), both, c)
+
+    async def stop(self) -> None:
+        """Stop the gateway, then the expert."""
+        for server in (self.gateway, self.expert):
+            if server is not None:
+                await server.stop()
+
+
+class VllmGrpcGroup(Group):
+    """Scenario ``vllm_grpc``: vLLM's own gRPC server (smg-grpc-servicer), token ids only."""
+
+    names = ("vllm_grpc",)
+
+    def __init__(self, ctx: Context) -> None:
+        super().__init__(ctx)
+        self.server: Server | None = None
+        self.address = ""
+
+    async def start(self) -> None:
+        """Start the server; it turns SERVING after its own planned warm-up."""
+        import smg_grpc_proto  # noqa: F401  (fail before starting an engine when it is missing)
+
+        port = free_port()
+        self.address = f"{HOST}:{port}"
+        self.server = server = Server.python_module(
+            "vllm_grpc",
+            "vllm.entrypoints.launchers.grpc_server",
+            ["--host", HOST, "--port", str(port), *self.ctx.settings.vllm_cli_args()],
+            self.ctx.log_dir,
+            env=self.ctx.settings.env(),
+        )
+        self.ctx.say(f"vllm_grpc: starting at {self.address} ...")
+        await server.start()
+        self.ctx.started("vllm_grpc", await server.wait_grpc_health(self.address))
+
+    async def measure(self) -> None:
+        """One channel shared by every stream."""
+        from smg_grpc_proto import vllm_engine_pb2_grpc as vpb_grpc
+
+        ctx, plan = self.ctx, self.ctx.plan
+        async with grpc.aio.insecure_channel(self.address) as channel:
+            stub = vpb_grpc.VllmEngineStub(channel)
+            await ctx.warm_up(vllm_grpc_client(stub, plan, plan.warmup_max_tokens))
+            assert self.server is not None
+            for c, _ in plan.levels():
+                one = vllm_grpc_client(stub, plan, plan.max_tokens)
+                await ctx.measure("vllm_grpc", one, {"vllm_grpc": self.server.pid}, c)
+
+    async def stop(self) -> None:
+        """Stop the server and its engine."""
+        if self.server is not None:
+            await self.server.stop()
+
+
+class VllmOpenAIGroup(Group):
+    """Scenario ``vllm_openai``: vLLM's OpenAI-compatible server, streaming completions."""
+
+    names = ("vllm_openai",)
+
+    def __init__(self, ctx: Context) -> None:
+        super().__init__(ctx)
+        self.server: Server | None = None
+        self.base = ""
+
+    async def start(self) -> None:
+        """Start the server and wait for ``/health``."""
+        port = free_port()
+        self.base = f"http://{HOST}:{port}"
+        self.server = server = Server.python_module(
+            "vllm_openai",
+            "vllm.entrypoints.openai.api_server",
+            [
+                *("--host", HOST, "--port", str(port)),
+                *self.ctx.settings.vllm_cli_args(),
+                "--disable-uvicorn-access-log",
+            ],
+            self.ctx.log_dir,
+            env=self.ctx.settings.env(),
+        )
+        self.ctx.say(f"vllm_openai: starting at {self.base} ...")
+        await server.start()
+        self.ctx.started("vllm_openai", await server.wait_http_health(f"{self.base}/health"))
+
+    async def measure(self) -> None:
+        """One aiohttp session (keep-alive connections, no limit) shared by every stream."""
+        import aiohttp
+
+        ctx, plan, model = self.ctx, self.ctx.plan, self.ctx.settings.model
+        connector = aiohttp.TCPConnector(limit=0)
+        async with aiohttp.ClientSession(
+            connector=connector, timeout=aiohttp.ClientTimeout(total=None)
+        ) as session:
+            await ctx.warm_up(openai_client(session, self.base, model, plan, plan.warmup_max_tokens))
+            one = openai_client(session, self.base, model, plan, plan.max_tokens)
+            assert self.server is not None
+            for c, _ in plan.levels():
+                await ctx.measure("vllm_openai", one, {"vllm_openai": self.server.pid}, c)
+
+    async def stop(self) -> None:
+        """Stop the server and its engine."""
+        if self.server is not None:
+            await self.server.stop()
+
+
+GROUPS: tuple[type[Group], ...] = (InProcessGroup, MeshGroup, VllmGrpcGroup, VllmOpenAIGroup)
+
+
+async def run_groups(ctx: Context, overlap: bool, groups: tuple[type[Group], ...] = GROUPS) -> Results:
+    """Run the groups in order; with ``overlap`` the next group starts while one is measured.
+
+    A group that fails is recorded under ``errors`` for its scenarios and the others still run.
+    Every group that was started is stopped, whatever happens (cancellation included).
+    """
+    made = [g(ctx) for g in groups]
+    starts: dict[int, asyncio.Task[None]] = {}
+    stopped: set[int] = set()
+    ahead = 1 if overlap else 0
+
+    def begin(i: int) -> None:
+        if i < len(made) and i not in starts:
+            starts[i] = asyncio.create_task(made[i].start())
+
+    try:
+        for i in range(ahead + 1):
+            begin(i)
+        for i, group in enumerate(made):
+            begin(i)
+            try:
+                await starts[i]
+                await group.measure()
+            except Exception as e:  # one group's failure is reported; the others still run
+                message = _describe(e)
+                ctx.say(f"{'/'.join(group.names)} FAILED: {message}")
+                for name in group.names:
+                    ctx.results.errors[name] = message
+            finally:
+                stopped.add(i)
+                await group.stop()
+            begin(i + ahead + 1)
+    finally:
+        for i, task in starts.items():
+            if i not in stopped:
+                task.cancel()
+                with contextlib.suppress(BaseException):
+                    await task
+                await made[i].stop()
+    return ctx.results
+
+
+def _describe(e: BaseException) -> str:
+    if isinstance(e, grpc.aio.AioRpcError):
+        return f"{e.code().name}: {e.details()}"
+    if isinstance(e, ImportError):
+        return f"{e} (vLLM's gRPC server needs smg-grpc-servicer and smg-grpc-proto, installed --no-deps)"
+    if isinstance(e, BenchError):
+        return str(e)
+    return f"{type(e).__name__}: {e}"

@@ -1,0 +1,126 @@
+"""The benchmark: its statistics and outputs (fast), and a smoke-sized run of every scenario (engine)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from expertmesh.bench.load import BenchError, Recorder, percentile, run_load
+from expertmesh.bench.plan import CONCURRENCY, SCENARIOS, LoadPlan
+from expertmesh.bench.report import check_targets, plot, write_json
+
+METRICS = ("tok_s", "ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms", "itl_p99_ms", "peak_rss_mib")
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def _assert_shape(doc: dict[str, object]) -> None:
+    scenarios = doc["scenarios"]
+    assert isinstance(scenarios, dict)
+    assert sorted(scenarios) == sorted(SCENARIOS)
+    for name, levels in scenarios.items():
+        assert sorted(levels) == sorted(str(c) for c in CONCURRENCY), name
+        for c, row in levels.items():
+            assert sorted(row) == sorted(METRICS), (name, c)
+            for key, value in row.items():
+                assert isinstance(value, float) and math.isfinite(value) and value > 0, (name, c, key, value)
+
+
+def test_percentile_interpolates_like_numpy() -> None:
+    assert percentile([3.0, 1.0, 2.0, 4.0], 50) == 2.5
+    assert percentile([1.0, 2.0, 3.0, 4.0, 5.0], 99) == pytest.approx(4.96)
+    assert math.isnan(percentile([], 50))
+
+
+async def test_run_load_keeps_concurrency_and_counts_per_token_gaps() -> None:
+    in_flight = peak = 0
+
+    async def one(index: int, rec: Recorder) -> None:
+        nonlocal in_flight, peak
+        in_flight += 1
+        peak = max(peak, in_flight)
+        await asyncio.sleep(0.01)
+        rec.tokens(1)
+        await asyncio.sleep(0.02)
+        rec.tokens(3)  # one message with three tokens: three gaps of a third each
+        in_flight -= 1
+
+    result = await run_load(one, concurrency=4, requests=10, expect_tokens=4)
+    assert peak == 4
+    assert (result.requests, result.tokens) == (10, 40)
+    assert len(result.ttft_s) == 10 and len(result.itl_s) == 30
+    summary = result.summary()
+    assert 5 <= summary["ttft_p50_ms"] < 100
+    assert 3 <= summary["itl_p50_ms"] < 40
+    assert summary["tok_s"] == pytest.approx(40 / result.wall_s)
+
+
+async def test_run_load_rejects_a_short_stream() -> None:
+    async def one(index: int, rec: Recorder) -> None:
+        rec.tokens(2 if index == 3 else 4)
+
+    with pytest.raises(BenchError, match="1 of 5 requests"):
+        await run_load(one, concurrency=2, requests=5, expect_tokens=4)
+
+
+def test_quick_plan_keeps_every_concurrency_level() -> None:
+    plan = LoadPlan.quick()
+    assert plan.concurrency == list(CONCURRENCY)
+    assert all(plan.requests[c] >= c for c in CONCURRENCY)
+    assert len(set(plan.prompts)) == len(plan.prompts) >= max(plan.requests.values())
+
+
+def test_report_writes_json_targets_and_png(tmp_path: Path) -> None:
+    speed = {"inprocess": 1.0, "expert": 0.95, "gateway": 0.8, "vllm_grpc": 0.5, "vllm_openai": 0.6}
+    scenarios = {
+        name: {
+            str(c): {
+                "tok_s": 100.0 * c * f,
+                "ttft_p50_ms": 5.0 + (0.5 if name == "gateway" else 0),
+                "ttft_p99_ms": 9.0,
+                "itl_p50_ms": 2.0,
+                "itl_p99_ms": 4.0,
+                "peak_rss_mib": 3000.0,
+            }
+            for c in CONCURRENCY
+        }
+        for name, f in speed.items()
+    }
+    doc = write_json(tmp_path / "results.json", scenarios, {"errors": {}})
+    _assert_shape(json.loads((tmp_path / "results.json").read_text()))
+    assert doc["ratios_vs_inprocess"]["expert"]["32"] == 0.95
+    met = {(t["target"], t["streams"]): t["met"] for t in check_targets(scenarios)}
+    assert met[("expert tok/s vs inprocess", 32)]
+    assert met[("expert tok/s vs best vLLM server", 128)]  # 0.95 / 0.6 = 1.58
+    assert met[("TTFT p50 added by gateway (ms)", 1)]
+    assert not met[("gateway tok/s vs expert", 8)]  # 0.8 / 0.95 = 0.84
+    plot(tmp_path / "results.png", scenarios, list(CONCURRENCY))
+    assert (tmp_path / "results.png").read_bytes().startswith(PNG_SIGNATURE)
+
+
+@pytest.mark.engine
+@pytest.mark.timeout(420)
+def test_bench_quick_runs_every_scenario(tmp_path: Path) -> None:
+    started = time.monotonic()
+    proc = subprocess.run(
+        [sys.executable, "-m", "expertmesh.cli", "bench", "--quick", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
+    elapsed = time.monotonic() - started
+    assert proc.returncode == 0, f"exit {proc.returncode} after {elapsed:.0f} s:\n{proc.stderr[-4000:]}"
+    doc = json.loads((tmp_path / "results.json").read_text())
+    _assert_shape(doc)
+    assert doc["errors"] == {}
+    assert (tmp_path / "results.png").read_bytes().startswith(PNG_SIGNATURE)
+    # The table names every scenario and the targets.
+    for name in SCENARIOS:
+        assert name in proc.stdout
+    assert "targets" in proc.stdout
