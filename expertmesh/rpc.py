@@ -9,8 +9,8 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-#: Let the gateway ping every second (see CHANNEL_OPTIONS), so that a hung peer is noticed in
-#: about two seconds instead of at the next TCP timeout.
+#: Let the gateway ping often (see CHANNEL_OPTIONS), so that a hung peer is noticed in seconds
+#: instead of at the next TCP timeout.
 SERVER_OPTIONS = [
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.min_ping_interval_without_data_ms", 500),

@@ -250,10 +250,17 @@ def test_generate_command_streams_to_the_terminal(mesh: Mesh) -> None:
     assert "error: NOT_FOUND: no expert serves domain 'law'" in bad.stderr
 
 
+def _cmdline(proc: psutil.Process) -> list[str]:
+    try:
+        return proc.cmdline()
+    except psutil.Error:  # exited (or a zombie) since the listing
+        return []
+
+
 def test_sigterm_stops_every_process_within_the_grace_period(mesh: Mesh) -> None:
     """`expertmesh up` + SIGTERM: the gateway, experts and vLLM's engine processes all exit."""
     family = psutil.Process(mesh.proc.pid).children(recursive=True)
-    names = " ".join(" ".join(p.cmdline()) for p in family)
+    names = " ".join(" ".join(_cmdline(p)) for p in family)
     assert "expertmesh.gateway" in names and names.count("expertmesh.services.expert") == 2
     assert len(family) >= 7  # gateway, 2 experts, and each expert's engine core + worker
     started = time.monotonic()
@@ -262,7 +269,7 @@ def test_sigterm_stops_every_process_within_the_grace_period(mesh: Mesh) -> None
     _, alive = psutil.wait_procs(
         family, timeout=max(mesh.config.grace_period_s - (time.monotonic() - started), 0.1)
     )
-    assert alive == [], f"left behind: {[p.cmdline() for p in alive]}"
+    assert alive == [], f"left behind: {[_cmdline(p) for p in alive]}"
     assert time.monotonic() - started < mesh.config.grace_period_s
     output = mesh.proc.stdout.read().decode() if mesh.proc.stdout else ""
     assert "stopping ..." in output and "code_tiny: stopped (exit code 0)" in output

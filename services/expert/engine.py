@@ -55,9 +55,21 @@ def engine_args(cfg: ExpertConfig) -> Any:
     return AsyncEngineArgs(**kwargs)
 
 
+class PreflightError(RuntimeError):
+    """``expertmesh check`` found errors in this expert's config or model files: no engine is started."""
+
+
 def build_engine(cfg: ExpertConfig) -> Any:
-    """A new AsyncLLM for ``cfg`` (blocking: tens of seconds to minutes)."""
+    """A new AsyncLLM for ``cfg`` (blocking: tens of seconds to minutes), after the preflight."""
     from vllm.v1.engine.async_llm import AsyncLLM
+
+    from expertmesh.preflight import check_expert
+
+    # The same checks as `expertmesh check`: a problem that can be read off the files is named
+    # with its fix before vLLM spends minutes (or crashes) finding it.
+    errors = [f for f in check_expert(cfg) if f.severity == "error"]
+    if errors:
+        raise PreflightError("; ".join(str(f) for f in errors))
 
     if cfg.kv_cache_space_gib is not None:
         # Read by the engine core process that vLLM spawns, which inherits our environment.
