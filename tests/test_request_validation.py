@@ -149,3 +149,9 @@ def test_demo_model_template_renders(demo_models: list[Path]) -> None:
     tok = load_tokenizer(cfg)
     text, special = render("", [pb.Message(role="user", content="Hello!")], tok, None)
     assert "Hello!" in text and not special
+
+
+def test_tokens_are_coalesced_only_under_load() -> None:
+    from expertmesh.services.expert.stream import stream_interval
+
+    assert [stream_interval(n) for n in (0, 1, 4, 5, 16, 17, 128)] == [1, 1, 1, 2, 2, 4, 4]

@@ -19,7 +19,7 @@ from .engine import tree_rss
 from .lifecycle import FAILED, READY, Lifecycle
 from .prompt import Prompts
 from .request import fit_max_tokens, sampling_kwargs, sampling_params
-from .stream import Chunker
+from .stream import Chunker, stream_interval
 
 
 def describe(life: Lifecycle) -> pb.InfoResponse:
@@ -86,6 +86,9 @@ class ExpertServicer(pb_grpc.ExpertServicer):
             assert life.max_model_len is not None  # known once loaded
             _admit(life, engine)
             max_tokens = fit_max_tokens(len(token_ids), request.sampling, life.max_model_len)
+            interval = stream_interval(life.in_flight)
+            if interval > 1:  # coalesce tokens into fewer messages while many streams run
+                kwargs = {**kwargs, "stream_interval": interval}
             params = sampling_params(kwargs, max_tokens)
             chunker = Chunker(life.cfg.expert_id, request_id, len(token_ids), kwargs.get("logprobs"))
             # The engine's id is unique even when a caller reuses request_id for concurrent calls.
