@@ -16,12 +16,14 @@ SERVER_OPTIONS = [
     ("grpc.http2.min_ping_interval_without_data_ms", 500),
     ("grpc.http2.max_ping_strikes", 0),
 ]
-#: The gateway's channels to experts: a ping every second, one second to answer it.
+#: The gateway's channels to experts: a ping every two seconds, 15 s to answer it (an expert busy
+#: importing torch or loading weights on a saturated host answers late; a killed one resets at
+#: once, and a hung one is ejected sooner by its failed requests).
 CHANNEL_OPTIONS = [
-    ("grpc.keepalive_time_ms", 1000),
-    ("grpc.keepalive_timeout_ms", 1000),
+    ("grpc.keepalive_time_ms", 2000),
+    ("grpc.keepalive_timeout_ms", 15000),
     # Recent gRPC cores time pings out by this setting (default one minute), not the one above.
-    ("grpc.http2.ping_timeout_ms", 1000),
+    ("grpc.http2.ping_timeout_ms", 15000),
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.max_pings_without_data", 0),
 ]

@@ -39,9 +39,9 @@ DEADLINE_MARGIN_S = 0.05
 PASSTHROUGH = ("x-request-id",)
 
 
-def ordered_replicas(links: Sequence[ExpertLink]) -> list[ExpertLink]:
-    """Available replicas, least outstanding first (stable, so ties keep config order)."""
-    return sorted((link for link in links if link.available()), key=lambda link: link.outstanding)
+def ordered_replicas(links: Sequence[ExpertLink], panic: bool = False) -> list[ExpertLink]:
+    """Available replicas (all of them in panic mode), least outstanding first (stable order)."""
+    return sorted((link for link in links if panic or link.available()), key=lambda link: link.outstanding)
 
 
 class Forwarder:
@@ -91,8 +91,12 @@ class Forwarder:
     async def stream(self) -> AsyncIterator[pb.GenerateResponse]:
         """Stream the answer of the first replica that takes the request."""
         experts = self.route.experts
+        # Panic mode, as Envoy's: when no candidate looks available (health can lag, e.g. pings
+        # answered late on an overloaded host), try them all rather than fail without trying.
+        # A dead replica refuses at once; the attempts say what happened.
+        panic = not any(link.available() for e in experts for link in self.pool.replicas.get(e.expert_id, []))
         for index, expert in enumerate(experts):
-            links = ordered_replicas(self.pool.replicas.get(expert.expert_id, []))
+            links = ordered_replicas(self.pool.replicas.get(expert.expert_id, []), panic)
             if not links:
                 self._attempt(expert, "skipped: no replica SERVING" + _ejected(self.pool, expert))
                 continue
