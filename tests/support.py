@@ -28,8 +28,7 @@ def free_port() -> int:
 
 def demo_expert(expert_id: str, domain: str, model: str = "demo-general", **extra: Any) -> dict[str, Any]:
     """An expert entry on one of the tiny demo models, on a free port."""
-    port = extra.pop("port", None) or free_port()
-    return demo_models.demo_expert(expert_id, domain, model, port, **extra)
+    return demo_models.demo_expert(expert_id, domain, model, free_port(), **extra)
 
 
 def write_config(path: Path, experts: list[dict[str, Any]], **mesh: Any) -> Path:
