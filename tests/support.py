@@ -12,7 +12,7 @@ import grpc
 import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from expertmesh import demo_models
+from expertmesh.demo_models import DEFAULT_MODELS_DIR
 
 REPO = Path(__file__).resolve().parent.parent
 VENV_BIN = REPO / ".venv" / "bin"
@@ -27,8 +27,18 @@ def free_port() -> int:
 
 
 def demo_expert(expert_id: str, domain: str, model: str = "demo-general", **extra: Any) -> dict[str, Any]:
-    """An expert entry on one of the tiny demo models, on a free port."""
-    return demo_models.demo_expert(expert_id, domain, model, free_port(), **extra)
+    """An expert entry on one of the tiny demo models, sized for this machine."""
+    return {
+        "expert_id": expert_id,
+        "domain": domain,
+        "model_path": str(DEFAULT_MODELS_DIR / model),
+        "dtype": "bfloat16",
+        "max_model_len": 1024,
+        "kv_cache_space_gib": 1,
+        "enforce_eager": True,
+        "port": free_port(),
+        **extra,
+    }
 
 
 def write_config(path: Path, experts: list[dict[str, Any]], **mesh: Any) -> Path:

@@ -330,11 +330,9 @@ async def test_engine_death_fails_requests_and_the_supervisor_restarts(mesh: Mes
         )
         assert isinstance(await call.read(), pb.GenerateResponse)
         core.kill()
-        received = 1
         with pytest.raises(grpc.aio.AioRpcError) as err:
-            while await call.read() != grpc.aio.EOF:  # ends only by the error asserted here
-                received += 1
-    assert received < 1000  # the stream broke off before its 1000 tokens
+            while await call.read() != grpc.aio.EOF:
+                pass
     assert err.value.code() == grpc.StatusCode.UNAVAILABLE
     assert (err.value.details() or "").startswith("expert general is FAILED: engine died: EngineDeadError")
     await asyncio.to_thread(expert.wait, 60)  # the expert exits (code 1) once its engine is dead
