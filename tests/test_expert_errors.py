@@ -322,6 +322,7 @@ def _expert_process(mesh: Mesh, expert_id: str) -> psutil.Process:
 
 async def test_engine_death_fails_requests_and_the_supervisor_restarts(mesh: Mesh) -> None:
     address = mesh.address("general")
+    await wait_serving(address)
     expert = _expert_process(mesh, "general")
     core = next(p for p in expert.children(recursive=True) if "EngineCore" in p.name())
     async with grpc.aio.insecure_channel(address) as channel:
@@ -329,10 +330,15 @@ async def test_engine_death_fails_requests_and_the_supervisor_restarts(mesh: Mes
             _request("x", max_tokens=1000, ignore_eos=True), timeout=60
         )
         assert isinstance(await call.read(), pb.GenerateResponse)
+        # Freeze the engine so that the request is certainly still running when the engine dies
+        # (on an idle box a 1000-token request can otherwise finish before the kill lands).
+        core.suspend()
+        running = await info(address)
+        assert (running.requests_in_flight, running.engine_unfinished_requests) == (1, 1), running
         core.kill()
         with pytest.raises(grpc.aio.AioRpcError) as err:
             while await call.read() != grpc.aio.EOF:
-                pass
+                continue  # only the error matters: the test fails if the stream ends normally
     assert err.value.code() == grpc.StatusCode.UNAVAILABLE
     assert (err.value.details() or "").startswith("expert general is FAILED: engine died: EngineDeadError")
     await asyncio.to_thread(expert.wait, 60)  # the expert exits (code 1) once its engine is dead
