@@ -39,7 +39,8 @@ def main_bench(quick: bool, out: Path) -> int:
     from .load import run_async
     from .plan import EngineSettings, LoadPlan, default_model
     from .report import markdown, plot, print_tables, write_json
-    from .scenarios import Context, run_groups
+    from .runner import run_groups
+    from .scenarios import Context
 
     started = time.monotonic()
     out.mkdir(parents=True, exist_ok=True)

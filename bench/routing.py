@@ -13,7 +13,6 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import statistics
 import tempfile
 import time
@@ -23,9 +22,11 @@ import yaml
 
 from expertmesh.client import MeshClient
 from expertmesh.config import MeshConfig, load_config
-from expertmesh.demo_models import DEFAULT_MODELS_DIR, ensure_demo_models
+from expertmesh.demo_models import demo_expert, ensure_demo_models
 from expertmesh.gateway.signals import CodeSignal, EmbeddingSignal, LanguageSignal, RulesSignal
 from expertmesh.supervisor import Supervisor
+
+from .procs import free_port
 
 PROMPTS = [
     "How do I reverse a list in Python?",
@@ -37,12 +38,6 @@ PROMPTS = [
     "Tell me a short story about a brave mouse.",
     "SELECT name FROM users WHERE age > 30;",
 ]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _percentiles(samples: list[float]) -> dict[str, float]:
@@ -96,23 +91,12 @@ async def failover_detection(workdir: Path) -> float:
         ("general_tiny", "general", "demo-general"),
         ("code_tiny", "code", "demo-code"),
     ):
-        experts.append(
-            {
-                "expert_id": expert_id,
-                "domain": domain,
-                "model_path": str(DEFAULT_MODELS_DIR / model),
-                "dtype": "bfloat16",
-                "max_model_len": 1024,
-                "kv_cache_space_gib": 1,
-                "enforce_eager": True,
-                "port": _free_port(),
-            }
-        )
+        experts.append(demo_expert(expert_id, domain, model, free_port()))
     path = workdir / "mesh.yaml"
     path.write_text(
         yaml.safe_dump(
             {
-                "gateway": {"host": "127.0.0.1", "port": _free_port()},
+                "gateway": {"host": "127.0.0.1", "port": free_port()},
                 "max_restarts": 0,
                 "routing": {"fallbacks": {"code": ["general"]}},
                 "experts": experts,

@@ -15,8 +15,6 @@ same untimed warm-up before it is measured.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import json
 import os
 import time
@@ -33,7 +31,7 @@ from expertmesh.v1 import expertmesh_pb2_grpc as pb_grpc
 
 from .clients import mesh_client, mesh_requests, openai_client, vllm_grpc_client
 from .inprocess import InProcessRunner
-from .load import BenchError, LoadResult, OneRequest, run_load
+from .load import LoadResult, OneRequest, run_load
 from .plan import EXPERT_ID, EngineSettings, LoadPlan
 from .procs import ProcessSampler, Server, free_port, wait_for_quiet
 
@@ -350,58 +348,3 @@ class VllmOpenAIGroup(Group):
         """Stop the server and its engine."""
         if self.server is not None:
             await self.server.stop()
-
-
-GROUPS: tuple[type[Group], ...] = (InProcessGroup, MeshGroup, VllmGrpcGroup, VllmOpenAIGroup)
-
-
-async def run_groups(ctx: Context, overlap: bool, groups: tuple[type[Group], ...] = GROUPS) -> Results:
-    """Run the groups in order; with ``overlap`` the next group starts while one is measured.
-
-    A group that fails is recorded under ``errors`` for its scenarios and the others still run.
-    Every group that was started is stopped, whatever happens (cancellation included).
-    """
-    made = [g(ctx) for g in groups]
-    starts: dict[int, asyncio.Task[None]] = {}
-    stopped: set[int] = set()
-    ahead = 1 if overlap else 0
-
-    def begin(i: int) -> None:
-        if i < len(made) and i not in starts:
-            starts[i] = asyncio.create_task(made[i].start())
-
-    try:
-        for i in range(ahead + 1):
-            begin(i)
-        for i, group in enumerate(made):
-            begin(i)
-            try:
-                await starts[i]
-                await group.measure()
-            except Exception as e:  # one group's failure is reported; the others still run
-                message = _describe(e)
-                ctx.say(f"{'/'.join(group.names)} FAILED: {message}")
-                for name in group.names:
-                    ctx.results.errors[name] = message
-            finally:
-                stopped.add(i)
-                await group.stop()
-            begin(i + ahead + 1)
-    finally:
-        for i, task in starts.items():
-            if i not in stopped:
-                task.cancel()
-                with contextlib.suppress(BaseException):
-                    await task
-                await made[i].stop()
-    return ctx.results
-
-
-def _describe(e: BaseException) -> str:
-    if isinstance(e, grpc.aio.AioRpcError):
-        return f"{e.code().name}: {e.details()}"
-    if isinstance(e, ImportError):
-        return f"{e} (vLLM's gRPC server needs smg-grpc-servicer and smg-grpc-proto, installed --no-deps)"
-    if isinstance(e, BenchError):
-        return str(e)
-    return f"{type(e).__name__}: {e}"

@@ -13,6 +13,7 @@ import shutil
 import sysconfig
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 #: Where the demo config expects the models (``configs/demo.yaml`` refers to these paths).
 DEFAULT_MODELS_DIR = Path(__file__).resolve().parent.parent / ".models"
@@ -113,6 +114,21 @@ def build_model(out_dir: Path, arch: str = "llama", corpus: str = "prose", seed:
     # Rename last so that a half-written model is never mistaken for a complete one.
     tmp.rename(out_dir)
     return out_dir
+
+
+def demo_expert(expert_id: str, domain: str, model: str, port: int, **extra: Any) -> dict[str, Any]:
+    """A mesh-config expert entry on one of the demo models, sized for a small CPU host."""
+    return {
+        "expert_id": expert_id,
+        "domain": domain,
+        "model_path": str(DEFAULT_MODELS_DIR / model),
+        "dtype": "bfloat16",
+        "max_model_len": 1024,
+        "kv_cache_space_gib": 1,
+        "enforce_eager": True,
+        "port": port,
+        **extra,
+    }
 
 
 def ensure_demo_models(models_dir: Path = DEFAULT_MODELS_DIR, log: bool = True) -> list[Path]:

@@ -12,7 +12,7 @@ import grpc
 import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from expertmesh.demo_models import DEFAULT_MODELS_DIR
+from expertmesh import demo_models
 
 REPO = Path(__file__).resolve().parent.parent
 VENV_BIN = REPO / ".venv" / "bin"
@@ -27,18 +27,9 @@ def free_port() -> int:
 
 
 def demo_expert(expert_id: str, domain: str, model: str = "demo-general", **extra: Any) -> dict[str, Any]:
-    """An expert entry on one of the tiny demo models, sized for this machine."""
-    return {
-        "expert_id": expert_id,
-        "domain": domain,
-        "model_path": str(DEFAULT_MODELS_DIR / model),
-        "dtype": "bfloat16",
-        "max_model_len": 1024,
-        "kv_cache_space_gib": 1,
-        "enforce_eager": True,
-        "port": free_port(),
-        **extra,
-    }
+    """An expert entry on one of the tiny demo models, on a free port."""
+    port = extra.pop("port", None) or free_port()
+    return demo_models.demo_expert(expert_id, domain, model, port, **extra)
 
 
 def write_config(path: Path, experts: list[dict[str, Any]], **mesh: Any) -> Path:

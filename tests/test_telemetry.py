@@ -35,7 +35,8 @@ from expertmesh.gateway.server import serve
 from expertmesh.logs import RequestContextFilter, make_formatter, request_context, setup_logging
 from expertmesh.rpc import Health, bind
 from expertmesh.telemetry import metrics, tracing
-from expertmesh.telemetry.requests import expert_generate, traced_load
+from expertmesh.telemetry.load import traced_load
+from expertmesh.telemetry.requests import expert_generate
 from expertmesh.v1 import expertmesh_pb2 as pb
 from expertmesh.v1 import expertmesh_pb2_grpc as pb_grpc
 

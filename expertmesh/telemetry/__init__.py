@@ -12,6 +12,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from .attempt import Attempt, attempt_span
+from .load import traced_load
 from .metrics import (
     MetricsServer,
     record_ejection,
@@ -22,16 +24,13 @@ from .metrics import (
     watch_replicas,
 )
 from .requests import (
-    Attempt,
     Identity,
-    attempt_span,
     current_request,
     expert_generate,
     gateway_generate,
     note_route,
     set_identity,
     trace_headers,
-    traced_load,
 )
 from .tracing import setup_tracing, shutdown_tracing, tracing_enabled
 

@@ -22,8 +22,8 @@ from __future__ import annotations
 import asyncio
 import functools
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
-from contextlib import aclosing, contextmanager, suppress
+from collections.abc import AsyncIterator, Callable
+from contextlib import aclosing, suppress
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -38,7 +38,7 @@ from expertmesh.logs import request_context
 from expertmesh.v1 import expertmesh_pb2 as pb
 
 from . import metrics
-from .tracing import context_from_metadata, inject_metadata, tracer, vllm_trace_headers
+from .tracing import context_from_metadata, tracer, vllm_trace_headers
 
 #: Server-span status is ERROR only for these codes (OpenTelemetry gRPC conventions); the
 #: others are the caller's doing and leave the status unset, with the code as an attribute.
@@ -316,123 +316,3 @@ def trace_headers(engine: Any) -> dict[str, str] | None:
     """vLLM ``trace_headers`` continuing the current ``expert.generate`` span (None: don't pass)."""
     req = _current.get()
     return vllm_trace_headers(engine, req.context) if req is not None else None
-
-
-class Attempt:
-    """One try at one expert: a CLIENT span, and the metadata that carries its context."""
-
-    def __init__(self, span: Span, context: Context, expert_id: str) -> None:
-        self.span = span
-        self.context = context
-        self.expert_id = expert_id
-        self.code: grpc.StatusCode | None = None
-
-    def metadata(
-        self, base: tuple[tuple[str, str | bytes], ...] | list[tuple[str, str | bytes]] = ()
-    ) -> tuple[tuple[str, str | bytes], ...]:
-        """Outgoing gRPC metadata: ``base`` plus this attempt's trace context."""
-        return inject_metadata(base, self.context)
-
-    def set_outcome(self, code: grpc.StatusCode, details: str = "") -> None:
-        """How the expert answered (call on failure; a block that ends normally means OK)."""
-        self.code = code
-        span = self.span
-        if not span.is_recording():
-            return
-        span.set_attribute("rpc.grpc.status_code", code.value[0])
-        if code == grpc.StatusCode.OK:
-            span.set_attribute("expertmesh.attempt.outcome", "ok")
-        else:
-            span.set_attribute(
-                "expertmesh.attempt.outcome", "cancelled" if code == grpc.StatusCode.CANCELLED else "error"
-            )
-            span.set_status(Status(StatusCode.ERROR, f"{code.name}: {details}"))
-
-
-@contextmanager
-def attempt_span(expert_id: str, address: str) -> Iterator[Attempt]:
-    """A ``gateway.attempt`` span, child of the current ``gateway.generate``, for one expert tried.
-
-    A try that follows a failed one counts as a failover (``expertmesh_failovers``) from the
-    expert that failed to this one.
-    """
-    req = _current.get()
-    parent = req.context if req is not None else Context()
-    host, _, port = address.rpartition(":")
-    attributes: dict[str, Any] = {
-        **_RPC,
-        "rpc.service": _EXPERT_SERVICE,
-        "expertmesh.expert_id": expert_id,
-        "expertmesh.replica": address,
-        "server.address": host or address,
-    }
-    if port.isdigit():
-        attributes["server.port"] = int(port)
-    if req is not None and req.failed_expert:
-        attributes["expertmesh.failover_from"] = req.failed_expert
-        metrics.record_failover(req.failed_expert, expert_id)
-    span = tracer().start_span("gateway.attempt", context=parent, kind=SpanKind.CLIENT, attributes=attributes)
-    attempt = Attempt(span, trace.set_span_in_context(span, parent), expert_id)
-    if req is not None:
-        req.attempts += 1
-    in_flight = metrics.STREAMS_IN_FLIGHT.labels("gateway", expert_id)
-    in_flight.inc()
-    try:
-        yield attempt
-    except BaseException as exc:
-        if attempt.code is None:
-            code, details = _code_of(exc, None)
-            attempt.set_outcome(code, details)
-        if isinstance(exc, Exception) and span.is_recording():
-            span.record_exception(exc)
-        raise
-    finally:
-        in_flight.dec()
-        if attempt.code is None:
-            attempt.set_outcome(grpc.StatusCode.OK)
-        if req is not None and attempt.code not in (grpc.StatusCode.OK, grpc.StatusCode.CANCELLED):
-            req.failed_expert = expert_id
-        if req is not None:
-            req.last_attempt = expert_id
-        span.end()
-
-
-L = TypeVar("L", bound=Callable[..., Any])
-
-
-def traced_load(load: L) -> L:
-    """Decorate ``EngineHost.load`` (``self.cfg`` an ExpertConfig): span ``expert.load``, load metric."""
-
-    @functools.wraps(load)
-    async def traced(self: Any, *args: Any, **kwargs: Any) -> Any:
-        cfg = self.cfg
-        req = _current.get()  # a lazy load started by a request belongs to its trace
-        span = tracer().start_span(
-            "expert.load",
-            context=req.context if req is not None else Context(),
-            attributes={"expertmesh.expert_id": cfg.expert_id, "gen_ai.request.model": cfg.model_path},
-        )
-        started = time.monotonic()
-        outcome = "ok"
-        try:
-            # Current (a coroutine, so attach and detach share one context): vLLM's own loading
-            # spans, in this process and in the engine processes it spawns, become its children.
-            with trace.use_span(span, record_exception=False, set_status_on_exception=False):
-                return await load(self, *args, **kwargs)
-        except asyncio.CancelledError:
-            outcome = "cancelled"
-            raise
-        except BaseException as exc:
-            outcome = "failed"
-            if span.is_recording():
-                span.record_exception(exc)
-                span.set_status(Status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}"))
-            raise
-        finally:
-            seconds = time.monotonic() - started
-            metrics.record_model_load(cfg.expert_id, seconds, outcome)
-            span.set_attribute("expertmesh.load.outcome", outcome)
-            span.set_attribute("expertmesh.load.duration_s", round(seconds, 3))
-            span.end()
-
-    return traced  # type: ignore[return-value]
