@@ -36,7 +36,8 @@ def main_bench(quick: bool, out: Path) -> int:
     Returns 0 when every scenario was measured, 1 when any failed (its error is printed and
     stored under ``errors`` in the JSON). Speed targets are reported, never turned into failures.
     """
-    from .load import run_async
+    from expertmesh.loop import run
+
     from .plan import EngineSettings, LoadPlan, default_model
     from .report import markdown, plot, print_tables, write_json
     from .runner import run_groups
@@ -51,7 +52,7 @@ def main_bench(quick: bool, out: Path) -> int:
         f"requests per level {plan.requests}; output in {out}"
     )
     # A quick run starts the next engine while one is measured: half the wall time, noisier numbers.
-    results = run_async(run_groups(Context(settings, plan, out, _say), overlap=quick))
+    results = run(run_groups(Context(settings, plan, out, _say), overlap=quick))
     elapsed = time.monotonic() - started
     doc = write_json(
         out / "results.json",

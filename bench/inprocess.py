@@ -21,7 +21,9 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import IO, Any
 
-from .load import BenchError, LoadResult, Recorder, run_async, run_load
+from expertmesh import loop
+
+from .load import BenchError, LoadResult, Recorder, run_load
 from .plan import EngineSettings
 from .procs import READY_TIMEOUT_S, Server
 
@@ -91,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     proto = os.fdopen(os.dup(1), "w")
     os.dup2(2, 1)
     sys.stdout = sys.stderr
-    run_async(_serve(settings, proto))
+    loop.run(_serve(settings, proto))
     return 0
 
 

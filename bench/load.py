@@ -15,11 +15,8 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
-
-T = TypeVar("T")
 
 
 class BenchError(Exception):
@@ -132,12 +129,3 @@ async def run_load(
         ttft_s=[r.first - r.start for r in records if r.count],
         itl_s=[g for r in records for g in r.gaps],
     )
-
-
-def run_async(main: Coroutine[Any, Any, T]) -> T:
-    """Run ``main`` on uvloop when it is installed (as vLLM's servers do), else on asyncio's loop."""
-    try:
-        import uvloop
-    except ImportError:
-        return asyncio.run(main)
-    return uvloop.run(main)

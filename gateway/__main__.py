@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import sys
 
+from expertmesh import loop
 from expertmesh.config import ConfigError, load_resolved
 from expertmesh.logs import setup_logging
 
@@ -24,7 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    return asyncio.run(serve(config, source.path, args.port))
+    return loop.run(serve(config, source.path, args.port))
 
 
 if __name__ == "__main__":

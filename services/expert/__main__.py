@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import gc
 import sys
 
+from expertmesh import loop
 from expertmesh.config import ConfigError, load_resolved
 from expertmesh.logs import setup_logging
 
@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: expert {args.expert_id!r} is not in {source.path}", file=sys.stderr)
         return 2
     port = config.expert_port(index) if args.port is None else args.port
-    code = asyncio.run(serve(config.experts[index], port, config.grace_period_s, config))
+    code = loop.run(serve(config.experts[index], port, config.grace_period_s, config))
     # torch and vLLM leave millions of objects; collecting them at exit takes seconds of the
     # grace period for nothing. Frozen objects are skipped by the final collections.
     gc.freeze()
