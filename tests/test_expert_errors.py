@@ -325,16 +325,17 @@ async def test_engine_death_fails_requests_and_the_supervisor_restarts(mesh: Mes
     await wait_serving(address)
     expert = _expert_process(mesh, "general")
     core = next(p for p in expert.children(recursive=True) if "EngineCore" in p.name())
+    # Freeze the engine first so that the request is certainly still in it when it dies: a tiny
+    # model can finish a whole request while the caller is still reading its first message.
+    core.suspend()
     async with grpc.aio.insecure_channel(address) as channel:
         call = pb_grpc.ExpertStub(channel).Generate(
             _request("x", max_tokens=1000, ignore_eos=True), timeout=60
         )
-        assert isinstance(await call.read(), pb.GenerateResponse)
-        # Freeze the engine so that the request is certainly still running when the engine dies
-        # (on an idle box a 1000-token request can otherwise finish before the kill lands).
-        core.suspend()
-        running = await info(address)
-        assert (running.requests_in_flight, running.engine_unfinished_requests) == (1, 1), running
+        deadline = time.monotonic() + 10
+        while (now := await info(address)).engine_unfinished_requests != 1:
+            assert time.monotonic() < deadline, f"the request never reached the engine: {now}"
+            await asyncio.sleep(0.05)
         core.kill()
         with pytest.raises(grpc.aio.AioRpcError) as err:
             while await call.read() != grpc.aio.EOF:

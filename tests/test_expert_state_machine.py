@@ -34,6 +34,9 @@ class FakeEngine:
         self.dead_error: BaseException = RuntimeError("EngineCore died")
         self.shut_down = False
 
+    async def get_supported_tasks(self) -> tuple[str, ...]:
+        return ("generate",)
+
     def shutdown(self) -> None:
         self.shut_down = True
 

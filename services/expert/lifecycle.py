@@ -209,7 +209,16 @@ class Lifecycle:
 
     @traced_load
     async def _build(self) -> Any:
-        return await asyncio.to_thread(build_engine, self.cfg)
+        engine = await asyncio.to_thread(build_engine, self.cfg)
+        try:
+            # vLLM asks its engine process this on the first request and caches the answer. Ask
+            # now: an engine that dies leaves that question unanswered, and the request waiting
+            # on it would hang instead of failing with the cause.
+            await engine.get_supported_tasks()
+        except BaseException:
+            engine.shutdown()
+            raise
+        return engine
 
     async def _explain(self, exc: Exception, mark: int) -> str:
         """The error text to keep: the engine processes' first exception, then what vLLM raised."""

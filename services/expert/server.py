@@ -28,6 +28,8 @@ from .servicer import ExpertServicer
 
 log = logging.getLogger(__name__)
 HOUSEKEEPING_INTERVAL_S = 0.5
+#: Time given to streams to end after the engine died (they fail at once with the cause).
+DEAD_ENGINE_GRACE_S = 1.0
 
 
 async def _housekeeping(life: Lifecycle, stop: asyncio.Event) -> None:
@@ -90,8 +92,11 @@ async def serve(cfg: ExpertConfig, port: int, grace_s: float, mesh: MeshConfig |
         keeper.cancel()
         warm.cancel()
         await health.shutdown()
-        await server.stop(grace_s)
-        await life.close(grace_s)
+        # Nothing in flight can finish on a dead engine (its streams have already ended with
+        # the cause), so a dead engine does not hold the restart for the whole grace period.
+        grace = DEAD_ENGINE_GRACE_S if life.state == FAILED else grace_s
+        await server.stop(grace)
+        await life.close(grace)
         telemetry.stop()  # export the last spans
         log.info("expert %s stopped", cfg.expert_id)
         output.close()
