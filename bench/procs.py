@@ -77,7 +77,7 @@ class Server:
         popen.setdefault("stdout", self._log)
         popen.setdefault("stderr", asyncio.subprocess.STDOUT if popen["stdout"] is self._log else self._log)
         self.proc = await asyncio.create_subprocess_exec(
-            *self.argv, env={**os.environ, **self.env}, preexec_fn=os.setpgrp, **popen
+            *self.argv, env={**os.environ, **self.env}, process_group=0, **popen
         )
         self.started_at = time.monotonic()
 

@@ -1,10 +1,14 @@
 """``expertmesh up``: start the gateway and one process per expert, watch them, stop them cleanly.
 
-Each child runs in its own session (process group), so that stopping it reaches vLLM's
-engine-core and worker processes too. Stop order: SIGTERM to every group (each server turns
-NOT_SERVING, drains within the grace period and shuts its engine down), then SIGKILL to any
-group or recorded descendant still alive when the grace period is over: no orphans.
-An expert process that dies is restarted with exponential backoff up to ``max_restarts``.
+Each child runs in its own process group, so that stopping it reaches vLLM's engine-core and
+worker processes too, but in the supervisor's session: with the kernel's autogroup scheduling
+a session is a scheduling group, and an expert in a session of its own was starved by its own
+engine processes (on 2 cores: half the throughput, streams stalled up to a second).
+
+Stop order: SIGTERM to every group (each server turns NOT_SERVING, drains within the grace
+period and shuts its engine down), then SIGKILL to any group or recorded descendant still
+alive when the grace period is over: no orphans. An expert process that dies is restarted
+with exponential backoff up to ``max_restarts``.
 """
 
 from __future__ import annotations
@@ -105,7 +109,11 @@ class Supervisor:
     async def _spawn(self, child: Child) -> None:
         with child.log_path.open("ab") as out:
             child.proc = await asyncio.create_subprocess_exec(
-                *child.argv, stdout=out, stderr=asyncio.subprocess.STDOUT, start_new_session=True
+                *child.argv,
+                stdin=asyncio.subprocess.DEVNULL,  # a background group reading the terminal would stop
+                stdout=out,
+                stderr=asyncio.subprocess.STDOUT,
+                process_group=0,
             )
         child.started_at = time.monotonic()
         child.health = "STARTING"
