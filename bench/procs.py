@@ -76,8 +76,9 @@ class Server:
         self._log = self.log_path.open("ab")
         popen.setdefault("stdout", self._log)
         popen.setdefault("stderr", asyncio.subprocess.STDOUT if popen["stdout"] is self._log else self._log)
+        # preexec_fn rather than process_group=: the benchmark runs on uvloop, which lacks the latter.
         self.proc = await asyncio.create_subprocess_exec(
-            *self.argv, env={**os.environ, **self.env}, process_group=0, **popen
+            *self.argv, env={**os.environ, **self.env}, preexec_fn=os.setpgrp, **popen
         )
         self.started_at = time.monotonic()
 
