@@ -28,6 +28,8 @@ import grpc
 import psutil
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from expertmesh.logs import log_tail
+
 from .load import BenchError
 
 #: How long a server may take to become ready (a tiny engine needs ~25 s; the box is shared).
@@ -84,11 +86,7 @@ class Server:
 
     def tail(self, lines: int = 25) -> str:
         """The last lines of the log, to say why a server failed."""
-        try:
-            text = self.log_path.read_text(errors="replace").splitlines()
-        except OSError:
-            return ""
-        return "\n".join(text[-lines:])
+        return log_tail(self.log_path, lines)
 
     def check_alive(self) -> None:
         """Raise BenchError (with the log tail) when the process has exited."""

@@ -254,45 +254,31 @@ class MeshGroup(Group):
                 await server.stop()
 
 
-class VllmGrpcGroup(Group):
-    """Scenario ``vllm_grpc``: vLLM's own gRPC server (smg-grpc-servicer), token ids only."""
+class VllmServerGroup(Group):
+    """One of vLLM's own servers, started on the same engine settings as the expert."""
 
-    names = ("vllm_grpc",)
+    module = ""
+    extra_args: tuple[str, ...] = ()
 
     def __init__(self, ctx: Context) -> None:
         super().__init__(ctx)
         self.server: Server | None = None
-        self.address = ""
+        self.port = 0
 
-    async def start(self) -> None:
-        """Start the server; it turns SERVING after its own planned warm-up."""
-        import smg_grpc_proto  # noqa: F401  (fail before starting an engine when it is missing)
-
-        port = free_port()
-        self.address = f"{HOST}:{port}"
+    async def _launch(self) -> Server:
+        """Start the server process (readiness is each server's own check)."""
+        name = self.names[0]
+        self.port = free_port()
         self.server = server = Server.python_module(
-            "vllm_grpc",
-            "vllm.entrypoints.launchers.grpc_server",
-            ["--host", HOST, "--port", str(port), *self.ctx.settings.vllm_cli_args()],
+            name,
+            self.module,
+            ["--host", HOST, "--port", str(self.port), *self.ctx.settings.vllm_cli_args(), *self.extra_args],
             self.ctx.log_dir,
             env=self.ctx.settings.env(),
         )
-        self.ctx.say(f"vllm_grpc: starting at {self.address} ...")
+        self.ctx.say(f"{name}: starting at {HOST}:{self.port} ...")
         await server.start()
-        self.ctx.started("vllm_grpc", await server.wait_grpc_health(self.address))
-
-    async def measure(self) -> None:
-        """One channel shared by every stream."""
-        from smg_grpc_proto import vllm_engine_pb2_grpc as vpb_grpc
-
-        ctx, plan = self.ctx, self.ctx.plan
-        async with grpc.aio.insecure_channel(self.address) as channel:
-            stub = vpb_grpc.VllmEngineStub(channel)
-            await ctx.warm_up(vllm_grpc_client(stub, plan, plan.warmup_max_tokens))
-            assert self.server is not None
-            for c, _ in plan.levels():
-                one = vllm_grpc_client(stub, plan, plan.max_tokens)
-                await ctx.measure("vllm_grpc", one, {"vllm_grpc": self.server.pid}, c)
+        return server
 
     async def stop(self) -> None:
         """Stop the server and its engine."""
@@ -300,33 +286,48 @@ class VllmGrpcGroup(Group):
             await self.server.stop()
 
 
-class VllmOpenAIGroup(Group):
+class VllmGrpcGroup(VllmServerGroup):
+    """Scenario ``vllm_grpc``: vLLM's own gRPC server (smg-grpc-servicer), token ids only."""
+
+    names = ("vllm_grpc",)
+    module = "vllm.entrypoints.launchers.grpc_server"
+
+    async def start(self) -> None:
+        """Start the server; it turns SERVING after its own planned warm-up."""
+        import smg_grpc_proto  # noqa: F401  (fail before starting an engine when it is missing)
+
+        server = await self._launch()
+        self.ctx.started("vllm_grpc", await server.wait_grpc_health(f"{HOST}:{self.port}"))
+
+    async def measure(self) -> None:
+        """One channel shared by every stream."""
+        from smg_grpc_proto import vllm_engine_pb2_grpc as vpb_grpc
+
+        ctx, plan = self.ctx, self.ctx.plan
+        async with grpc.aio.insecure_channel(f"{HOST}:{self.port}") as channel:
+            stub = vpb_grpc.VllmEngineStub(channel)
+            await ctx.warm_up(vllm_grpc_client(stub, plan, plan.warmup_max_tokens))
+            assert self.server is not None
+            for c, _ in plan.levels():
+                one = vllm_grpc_client(stub, plan, plan.max_tokens)
+                await ctx.measure("vllm_grpc", one, {"vllm_grpc": self.server.pid}, c)
+
+
+class VllmOpenAIGroup(VllmServerGroup):
     """Scenario ``vllm_openai``: vLLM's OpenAI-compatible server, streaming completions."""
 
     names = ("vllm_openai",)
+    module = "vllm.entrypoints.openai.api_server"
+    extra_args = ("--disable-uvicorn-access-log",)
 
-    def __init__(self, ctx: Context) -> None:
-        super().__init__(ctx)
-        self.server: Server | None = None
-        self.base = ""
+    @property
+    def base(self) -> str:
+        """The server's base URL."""
+        return f"http://{HOST}:{self.port}"
 
     async def start(self) -> None:
         """Start the server and wait for ``/health``."""
-        port = free_port()
-        self.base = f"http://{HOST}:{port}"
-        self.server = server = Server.python_module(
-            "vllm_openai",
-            "vllm.entrypoints.openai.api_server",
-            [
-                *("--host", HOST, "--port", str(port)),
-                *self.ctx.settings.vllm_cli_args(),
-                "--disable-uvicorn-access-log",
-            ],
-            self.ctx.log_dir,
-            env=self.ctx.settings.env(),
-        )
-        self.ctx.say(f"vllm_openai: starting at {self.base} ...")
-        await server.start()
+        server = await self._launch()
         self.ctx.started("vllm_openai", await server.wait_http_health(f"{self.base}/health"))
 
     async def measure(self) -> None:
@@ -343,8 +344,3 @@ class VllmOpenAIGroup(Group):
             assert self.server is not None
             for c, _ in plan.levels():
                 await ctx.measure("vllm_openai", one, {"vllm_openai": self.server.pid}, c)
-
-    async def stop(self) -> None:
-        """Stop the server and its engine."""
-        if self.server is not None:
-            await self.server.stop()

@@ -21,6 +21,7 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from contextvars import ContextVar
+from pathlib import Path
 
 from opentelemetry import trace
 from pythonjsonlogger.json import JsonFormatter
@@ -104,3 +105,12 @@ def setup_logging(level: str | None = None) -> None:
     handler.setFormatter(make_formatter(os.environ.get(FORMAT_ENV, "text").strip().lower() or "text"))
     handler.addFilter(RequestContextFilter())
     logging.basicConfig(level=(level or os.environ.get(LEVEL_ENV, "INFO")).upper(), handlers=[handler])
+
+
+def log_tail(path: Path, lines: int) -> str:
+    """The last ``lines`` lines of a process's log file ("" when it cannot be read)."""
+    try:
+        text = path.read_text(errors="replace").splitlines()
+    except OSError:
+        return ""
+    return "\n".join(text[-lines:])

@@ -29,6 +29,7 @@ import psutil
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from expertmesh.config import MeshConfig
+from expertmesh.logs import log_tail
 
 log = logging.getLogger(__name__)
 HEALTH_POLL_S = 0.25
@@ -55,11 +56,7 @@ class Child:
 
     def tail(self, lines: int = 15) -> str:
         """The last lines of this child's log, to show why it failed."""
-        try:
-            text = self.log_path.read_text(errors="replace").splitlines()
-        except OSError:
-            return ""
-        return "\n".join(text[-lines:])
+        return log_tail(self.log_path, lines)
 
     def last_error(self) -> str:
         """The last line of the log that reports an error: the likely reason it exited."""
