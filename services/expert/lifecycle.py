@@ -62,7 +62,12 @@ class Lifecycle:
     """Owns the engine of one expert: its state, loads, unloads, use and failure."""
 
     def __init__(
-        self, cfg: ExpertConfig, *, before_load: BeforeLoad | None = None, output: OutputTail | None = None
+        self,
+        cfg: ExpertConfig,
+        *,
+        before_load: BeforeLoad | None = None,
+        prepare: Callable[[], Awaitable[None]] | None = None,
+        output: OutputTail | None = None,
     ) -> None:
         self.cfg = cfg
         self.state: int = COLD
@@ -81,6 +86,7 @@ class Lifecycle:
         self._engine_procs: list[psutil.Process] = []  # the processes the engine started
         self._listeners: list[Callable[[], None]] = []
         self._before_load = before_load
+        self._prepare = prepare
         self._output = output
 
     # -- observation -----------------------------------------------------------------------
@@ -181,6 +187,8 @@ class Lifecycle:
         try:
             if on_demand and self._before_load is not None:
                 await self._before_load(self)
+            if self._prepare is not None:
+                await self._prepare()
         except BaseException:
             self._set(COLD)
             raise

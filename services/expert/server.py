@@ -60,14 +60,21 @@ async def serve(cfg: ExpertConfig, port: int, grace_s: float, mesh: MeshConfig |
         Identity("expert", cfg.expert_id, cfg.domain, cfg.model_path), cfg.metrics_port, cfg.host
     )
     budget = MemoryBudget.for_mesh(mesh, cfg.expert_id)
-    life = Lifecycle(cfg, before_load=budget.make_room if budget else None, output=output)
+    prompts = Prompts(cfg)
+    # The tokenizer is loaded before the engine, never alongside it: both import transformers,
+    # whose lazy imports are not thread-safe (seen: "cannot import name 'PreTrainedConfig'").
+    life = Lifecycle(
+        cfg,
+        before_load=budget.make_room if budget else None,
+        prepare=lambda: _warm_tokenizer(prompts),
+        output=output,
+    )
     watch_expert(
         cfg.expert_id,
         lambda: life.state,
         lambda: life.engine.get_num_unfinished_requests() if life.engine else 0,
     )
     server = grpc.aio.server(options=SERVER_OPTIONS)
-    prompts = Prompts(cfg)
     pb_grpc.add_ExpertServicer_to_server(ExpertServicer(life, prompts), server)
     health = ExpertHealth(server, life)
     await health.apply()
