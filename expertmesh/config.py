@@ -87,6 +87,17 @@ class ExpertConfig(_Strict):
     metrics_port: int | None = Field(
         default=None, gt=0, le=65535, description="Prometheus /metrics port on host; None = off."
     )
+    stream_interval: Literal["auto"] | int = Field(
+        default="auto",
+        description="Tokens per streamed message: a number, or auto (1, up to 16 as streams grow).",
+    )
+
+    @field_validator("stream_interval", mode="before")
+    @classmethod
+    def _interval(cls, value: Any) -> Any:
+        if value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and value > 0):
+            return value
+        raise ValueError(f"stream_interval must be 'auto' or a whole number of tokens >= 1, got {value!r}")
 
     @field_validator("dtype")
     @classmethod

@@ -8,7 +8,7 @@ run in order and each starts from the state the previous one left:
 2. the first request loads ``lazy_general`` and says so; Info shows LOADING then READY;
 3. idle for ``idle_unload_after_s``: COLD again, memory released; the next request reloads;
 4. a request to ``lazy_code`` whose deadline expires while it loads; the load goes on, and
-   the budget unloads the idle ``lazy_general`` first;
+   the budget unloads the idle ``lazy_general`` first; ``lazy_code`` streams 3 tokens per message;
 5. SIGTERM: in-flight streams finish, new ones are refused, the process exits 0.
 """
 
@@ -58,7 +58,7 @@ def experts(tmp_path_factory: pytest.TempPathFactory, demo_models: list[Path]) -
         tmp / "mesh.yaml",
         [
             demo_expert("lazy_general", "general", load="lazy", idle_unload_after_s=IDLE_S),
-            demo_expert("lazy_code", "code", "demo-code", load="lazy"),
+            demo_expert("lazy_code", "code", "demo-code", load="lazy", stream_interval=3),
         ],
         memory_budget_gib=5,
     )
@@ -183,6 +183,14 @@ async def test_deadline_while_loading_and_the_memory_budget(experts: Experts) ->
         assert (loaded.state, loaded.load_count) == (pb.EXPERT_STATE_READY, 1)
         again = await stub.Load(pb.LoadRequest(wait=False), timeout=5)
         assert (again.state, again.load_count) == (pb.EXPERT_STATE_READY, 1)  # idempotent
+        # stream_interval: 3 in its config: the first token at once, then 3 per message (a lagging
+        # reader may get two merged), where "auto" would send each token alone to one stream.
+        request = pb.GenerateRequest(
+            prompt="def f(x):", sampling=pb.SamplingParams(max_tokens=10, ignore_eos=True)
+        )
+        sizes = [len(m.token_ids) async for m in stub.Generate(request, timeout=60)]
+        assert (sizes[0], sum(sizes)) == (1, 10), sizes
+        assert len(sizes) > 1 and all(n % 3 == 0 for n in sizes[1:]), sizes
     unloaded = await info(general)
     assert unloaded.state == pb.EXPERT_STATE_COLD
     assert unloaded.unload_reason.startswith("memory budget 5.0 GiB: made room for lazy_code")

@@ -86,7 +86,7 @@ class ExpertServicer(pb_grpc.ExpertServicer):
             assert life.max_model_len is not None  # known once loaded
             _admit(life, engine)
             max_tokens = fit_max_tokens(len(token_ids), request.sampling, life.max_model_len)
-            interval = stream_interval(life.in_flight)
+            interval = stream_interval(life.in_flight, life.cfg.stream_interval)
             if interval > 1:  # coalesce tokens into fewer messages while many streams run
                 kwargs = {**kwargs, "stream_interval": interval}
             params = sampling_params(kwargs, max_tokens)

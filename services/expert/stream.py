@@ -31,21 +31,29 @@ def token_logprobs(
     return out
 
 
-#: Streams in flight up to which every token is sent the moment it exists.
-COALESCE_ABOVE = 4
+#: Tokens per message by streams in flight (``stream_interval: auto``): up to the first bound,
+#: the second; beyond the last bound, :data:`MOST_TOKENS_PER_MESSAGE`.
+AUTO_SCHEDULE = ((4, 1), (16, 2), (32, 4), (64, 8))
+MOST_TOKENS_PER_MESSAGE = 16
 
 
-def stream_interval(in_flight: int) -> int:
+def stream_interval(in_flight: int, setting: int | str = "auto") -> int:
     """Tokens per stream message for a request admitted with ``in_flight`` streams running.
 
-    One while few streams run. Under load, 2 (up to 16 streams) or 4: every message costs gRPC
-    work in this process, in the gateway and in the client, and on a small CPU host that work is
-    taken from the engine. vLLM does the coalescing (``SamplingParams.stream_interval``): the
-    first token still goes out at once and the last message carries whatever is left.
+    A number in the config is used as is. ``auto``: every token the moment it exists while few
+    streams run; under load 2, 4, 8 and at most 16 tokens per message, because every message
+    costs gRPC work in this process, in the gateway and in the client, and on a small CPU host
+    that work is taken from the engine (at 128 streams on two cores, 16 instead of 4 tokens per
+    message gave 13-20 % more tokens/s straight to the expert and 15-29 % through the gateway).
+    vLLM does the coalescing (``SamplingParams.stream_interval``): the first token still goes
+    out at once and the last message carries whatever is left.
     """
-    if in_flight <= COALESCE_ABOVE:
-        return 1
-    return 2 if in_flight <= 16 else 4
+    if isinstance(setting, int):
+        return setting
+    for bound, tokens in AUTO_SCHEDULE:
+        if in_flight <= bound:
+            return tokens
+    return MOST_TOKENS_PER_MESSAGE
 
 
 class Chunker:
