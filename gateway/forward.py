@@ -21,7 +21,6 @@ from expertmesh.config import ExpertConfig, RoutingConfig
 from expertmesh.errors import Unavailable
 from expertmesh.telemetry import Attempt, attempt_span, record_ejection
 from expertmesh.v1 import expertmesh_pb2 as pb
-from expertmesh.v1 import expertmesh_pb2_grpc as pb_grpc
 
 from .health import ExpertLink
 from .pool import Pool
@@ -132,9 +131,7 @@ class Forwarder:
     ) -> AsyncIterator[pb.GenerateResponse]:
         """One attempt. Yields the expert's messages; returns quietly when another may be tried."""
         metadata = tuple((k, v) for k, v in self.context.invocation_metadata() or () if k in PASSTHROUGH)
-        call = pb_grpc.ExpertStub(link.channel).Generate(
-            self.request, timeout=self._timeout(), metadata=attempt.metadata(metadata)
-        )
+        call = link.stub.Generate(self.request, timeout=self._timeout(), metadata=attempt.metadata(metadata))
         link.outstanding += 1
         sent = 0
         try:
@@ -185,7 +182,7 @@ def _start_loading(link: ExpertLink) -> None:
 
     async def load() -> None:
         with contextlib.suppress(grpc.aio.AioRpcError):
-            await pb_grpc.ExpertStub(link.channel).Load(pb.LoadRequest(wait=False), timeout=5)
+            await link.stub.Load(pb.LoadRequest(wait=False), timeout=5)
 
     task = asyncio.create_task(load())
     _background.add(task)

@@ -19,6 +19,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from expertmesh.rpc import CHANNEL_OPTIONS
 from expertmesh.v1 import expertmesh_pb2 as pb
+from expertmesh.v1 import expertmesh_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 EXPERT_SERVICE = pb.DESCRIPTOR.services_by_name["Expert"].full_name
@@ -67,6 +68,7 @@ class ExpertLink:
         self.expert_id = expert_id
         self.address = address
         self.channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+        self.stub = pb_grpc.ExpertStub(self.channel)  # built once: a stub makes one callable per RPC
         self.health = "UNKNOWN"
         self.engine_ready = False
         self.outstanding = 0

@@ -83,7 +83,7 @@ class GatewayServicer(pb_grpc.GatewayServicer):
             replicas=[link.status() for link in links],
         )
         try:
-            info = await pb_grpc.ExpertStub(best.channel).Info(pb.InfoRequest(), timeout=INFO_TIMEOUT_S)
+            info = await best.stub.Info(pb.InfoRequest(), timeout=INFO_TIMEOUT_S)
         except grpc.aio.AioRpcError as e:
             status.last_error = f"Info from {best.address}: {e.code().name}: {e.details()}"
         else:
