@@ -6,6 +6,7 @@ the same engine settings and the same load:
 - ``inprocess``: ``AsyncLLM.generate`` with no serving layer (the limit);
 - ``expert``: straight to one expert over gRPC;
 - ``gateway``: through the gateway to that expert;
+- ``relay``: through a bare gRPC relay to that expert (the cost of a second hop by itself);
 - ``vllm_grpc``: vLLM's own gRPC server;
 - ``vllm_openai``: vLLM's OpenAI-compatible HTTP server, streaming;
 

@@ -16,7 +16,7 @@ from expertmesh.config import ExpertConfig
 #: The stream counts the issue asks for; ``--quick`` keeps all of them, with fewer requests.
 CONCURRENCY = (1, 8, 32, 128)
 #: Scenario names, in the order they are run and reported.
-SCENARIOS = ("inprocess", "expert", "gateway", "vllm_grpc", "vllm_openai")
+SCENARIOS = ("inprocess", "expert", "gateway", "relay", "vllm_grpc", "vllm_openai")
 #: The id and domain of the expert that the mesh scenarios start.
 EXPERT_ID = "bench"
 EXPERT_DOMAIN = "general"

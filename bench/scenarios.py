@@ -1,9 +1,10 @@
 """The scenario groups: each starts its servers, measures, and stops them.
 
 - ``inprocess``: AsyncLLM in a child process (:mod:`bench.inprocess`);
-- ``expert`` and ``gateway``: one expert process and a gateway in front of it; every trial at
-  every concurrency level is measured straight to the expert, then through the gateway, so that
-  the two share the machine's conditions as closely as possible;
+- ``expert``, ``gateway`` and ``relay``: one expert process, with the gateway and a bare relay
+  (:mod:`bench.relay`) in front of it; every trial at every concurrency level is measured
+  straight to the expert, then through the gateway, then through the relay, so that the three
+  share the machine's conditions as closely as possible;
 - ``vllm_grpc``: vLLM's gRPC server (``vllm.grpc.engine.VllmEngine``);
 - ``vllm_openai``: vLLM's OpenAI-compatible HTTP server, streaming.
 
@@ -15,6 +16,7 @@ same untimed warm-up before it is measured.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -181,18 +183,19 @@ class InProcessGroup(Group):
 
 
 class MeshGroup(Group):
-    """Scenarios ``expert`` and ``gateway``: one expert process, and a gateway in front of it."""
+    """Scenarios ``expert``, ``gateway`` and ``relay``: one expert process, two hops in front of it."""
 
-    names = ("expert", "gateway")
+    names = ("expert", "gateway", "relay")
 
     def __init__(self, ctx: Context) -> None:
         super().__init__(ctx)
         self.expert: Server | None = None
         self.gateway: Server | None = None
-        self.expert_addr = self.gateway_addr = ""
+        self.relay: Server | None = None
+        self.expert_addr = self.gateway_addr = self.relay_addr = ""
 
-    def _servers(self) -> tuple[Server, Server]:
-        """A one-expert mesh config on free ports, and the two processes that serve it."""
+    def _servers(self) -> tuple[Server, Server, Server]:
+        """A one-expert mesh config on free ports, and the three processes that serve it."""
         ctx = self.ctx
         expert = ctx.settings.expert_config().model_copy(update={"host": HOST, "port": free_port()})
         config = MeshConfig(
@@ -216,40 +219,58 @@ class MeshGroup(Group):
         gateway_server = Server.python_module(
             "gateway", "expertmesh.gateway", [*args, "--port", str(config.gateway.port)], ctx.log_dir
         )
-        return expert_server, gateway_server
+        relay_port = free_port()
+        self.relay_addr = f"{HOST}:{relay_port}"
+        relay_server = Server.python_module(
+            "relay",
+            "expertmesh.bench.relay",
+            ["--target", self.expert_addr, "--host", HOST, "--port", str(relay_port)],
+            ctx.log_dir,
+        )
+        return expert_server, gateway_server, relay_server
 
     async def start(self) -> None:
-        """Start the expert and the gateway together; the gateway is ready once it sees the expert."""
-        self.expert, self.gateway = expert, gateway = self._servers()
-        self.ctx.say(f"expert: starting at {self.expert_addr}, gateway at {self.gateway_addr} ...")
-        await expert.start()
-        await gateway.start()
-        self.ctx.started("expert", await expert.wait_grpc_health(self.expert_addr))
-        self.ctx.started("gateway", await gateway.wait_grpc_health(self.gateway_addr))
+        """Start all three together; the gateway is ready once it sees the expert."""
+        self.expert, self.gateway, self.relay = servers = self._servers()
+        self.ctx.say(
+            f"expert: starting at {self.expert_addr}, gateway at {self.gateway_addr}, "
+            f"relay at {self.relay_addr} ..."
+        )
+        for server in servers:
+            await server.start()
+        self.ctx.started("expert", await self.expert.wait_grpc_health(self.expert_addr))
+        self.ctx.started("gateway", await self.gateway.wait_grpc_health(self.gateway_addr))
+        self.ctx.started("relay", await self.relay.wait_grpc_health(self.relay_addr))
 
     async def measure(self) -> None:
-        """One channel per scenario, shared by all its streams; expert and gateway alternate."""
+        """One channel per scenario, shared by all its streams; the three take turns at each level."""
         ctx, plan = self.ctx, self.ctx.plan
-        async with (
-            grpc.aio.insecure_channel(self.expert_addr) as expert_channel,
-            grpc.aio.insecure_channel(self.gateway_addr) as gateway_channel,
-        ):
-            direct = pb_grpc.ExpertStub(expert_channel).Generate
-            routed = pb_grpc.GatewayStub(gateway_channel).Generate
-            warm = mesh_requests(plan, plan.warmup_max_tokens)
-            await ctx.warm_up(mesh_client(direct, warm))
-            await ctx.warm_up(mesh_client(routed, warm))
+        assert self.expert is not None and self.gateway is not None and self.relay is not None
+        expert_pid = self.expert.pid
+        hops = (  # scenario, address, stub, the processes it runs on
+            ("expert", self.expert_addr, pb_grpc.ExpertStub, {"expert": expert_pid}),
+            (
+                "gateway",
+                self.gateway_addr,
+                pb_grpc.GatewayStub,
+                {"gateway": self.gateway.pid, "expert": expert_pid},
+            ),
+            ("relay", self.relay_addr, pb_grpc.GatewayStub, {"relay": self.relay.pid, "expert": expert_pid}),
+        )
+        async with contextlib.AsyncExitStack() as stack:
+            calls = {}
+            for name, address, stub, _ in hops:
+                channel = await stack.enter_async_context(grpc.aio.insecure_channel(address))
+                calls[name] = stub(channel).Generate
+                await ctx.warm_up(mesh_client(calls[name], mesh_requests(plan, plan.warmup_max_tokens)))
             requests = mesh_requests(plan, plan.max_tokens)
-            assert self.expert is not None and self.gateway is not None
-            alone = {"expert": self.expert.pid}
-            both = {"gateway": self.gateway.pid, "expert": self.expert.pid}
             for c, _ in plan.levels():
-                await ctx.measure("expert", mesh_client(direct, requests), alone, c)
-                await ctx.measure("gateway", mesh_client(routed, requests), both, c)
+                for name, _, _, roots in hops:
+                    await ctx.measure(name, mesh_client(calls[name], requests), roots, c)
 
     async def stop(self) -> None:
-        """Stop the gateway, then the expert."""
-        for server in (self.gateway, self.expert):
+        """Stop the relay and the gateway, then the expert."""
+        for server in (self.relay, self.gateway, self.expert):
             if server is not None:
                 await server.stop()
 

@@ -77,7 +77,14 @@ def test_quick_plan_keeps_every_concurrency_level() -> None:
 
 
 def test_report_writes_json_targets_and_png(tmp_path: Path) -> None:
-    speed = {"inprocess": 1.0, "expert": 0.95, "gateway": 0.8, "vllm_grpc": 0.5, "vllm_openai": 0.6}
+    speed = {
+        "inprocess": 1.0,
+        "expert": 0.95,
+        "gateway": 0.8,
+        "relay": 0.85,
+        "vllm_grpc": 0.5,
+        "vllm_openai": 0.6,
+    }
     scenarios = {
         name: {
             str(c): {
