@@ -8,9 +8,9 @@ import contextlib
 import grpc
 
 from .load import BenchError
-from .scenarios import Context, Group, InProcessGroup, MeshGroup, Results, VllmGrpcGroup, VllmOpenAIGroup
+from .scenarios import Context, Group, MeshGroup, Results, VllmGrpcGroup, VllmOpenAIGroup
 
-GROUPS: tuple[type[Group], ...] = (InProcessGroup, MeshGroup, VllmGrpcGroup, VllmOpenAIGroup)
+GROUPS: tuple[type[Group], ...] = (MeshGroup, VllmGrpcGroup, VllmOpenAIGroup)
 
 
 async def run_groups(ctx: Context, overlap: bool, groups: tuple[type[Group], ...] = GROUPS) -> Results:

@@ -1,21 +1,24 @@
 """The scenario groups: each starts its servers, measures, and stops them.
 
-- ``inprocess``: AsyncLLM in a child process (:mod:`bench.inprocess`);
-- ``expert``, ``gateway`` and ``relay``: one expert process, with the gateway and a bare relay
-  (:mod:`bench.relay`) in front of it; every trial at every concurrency level is measured
-  straight to the expert, then through the gateway, then through the relay, so that the three
-  share the machine's conditions as closely as possible;
+- ``inprocess``, ``expert``, ``gateway`` and ``relay``: AsyncLLM in a child process
+  (:mod:`bench.inprocess`) and one expert process with the same engine settings, with the
+  gateway and a bare relay (:mod:`bench.relay`) in front of the expert; both engines stay up
+  and every trial at every concurrency level is measured in-process, then straight to the
+  expert, then through the gateway, then through the relay, so that the ratios the targets are
+  stated in come from trials seconds apart (the speed of a shared machine drifts by tens of
+  percent over minutes; an idle vLLM engine uses about 0.01 cores);
 - ``vllm_grpc``: vLLM's gRPC server (``vllm.grpc.engine.VllmEngine``);
 - ``vllm_openai``: vLLM's OpenAI-compatible HTTP server, streaming.
 
 A full run measures one group at a time with nothing else of its own alive. A quick run
-starts the next group's engine while the current one is measured (never more than two
-engines), which halves its wall time at the cost of noisier numbers. Every group gets the
+starts the next group's engine while the current one is measured (never more than three
+engines), which halves its wall time at the cost of noisier numbers. Every scenario gets the
 same untimed warm-up before it is measured.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -148,47 +151,14 @@ class Group(ABC):
         """Stop every process this group started (also after a failed or cancelled start)."""
 
 
-class InProcessGroup(Group):
-    """Scenario ``inprocess``: the load runs inside the engine's own process."""
+class MeshGroup(Group):
+    """Scenarios ``inprocess``, ``expert``, ``gateway`` and ``relay``: two engines, two hops."""
 
-    names = ("inprocess",)
+    names = ("inprocess", "expert", "gateway", "relay")
 
     def __init__(self, ctx: Context) -> None:
         super().__init__(ctx)
         self.runner = InProcessRunner(ctx.settings, ctx.log_dir)
-
-    async def start(self) -> None:
-        """Start the child process and wait for its engine."""
-        self.ctx.say("inprocess: starting AsyncLLM in a child process ...")
-        self.ctx.started("inprocess", await self.runner.start())
-
-    async def measure(self) -> None:
-        """Every load runs in the child; the parent only samples its process tree."""
-        plan = self.ctx.plan
-        prompts = list(plan.prompts)
-        n = plan.warmup_requests
-        await self.runner.run(prompts, min(n, 32), n, plan.warmup_max_tokens, plan.temperature)
-        roots = {"inprocess": self.runner.pid}
-        for c, _ in plan.levels():
-            await self.ctx.settle("inprocess", c, roots)
-            with ProcessSampler(roots) as sampler:
-                result = await self.runner.run(
-                    prompts, c, plan.requests[c], plan.max_tokens, plan.temperature
-                )
-            self.ctx.record("inprocess", result, sampler)
-
-    async def stop(self) -> None:
-        """Shut the child's engine down."""
-        await self.runner.stop()
-
-
-class MeshGroup(Group):
-    """Scenarios ``expert``, ``gateway`` and ``relay``: one expert process, two hops in front of it."""
-
-    names = ("expert", "gateway", "relay")
-
-    def __init__(self, ctx: Context) -> None:
-        super().__init__(ctx)
         self.expert: Server | None = None
         self.gateway: Server | None = None
         self.relay: Server | None = None
@@ -230,7 +200,14 @@ class MeshGroup(Group):
         return expert_server, gateway_server, relay_server
 
     async def start(self) -> None:
-        """Start all three together; the gateway is ready once it sees the expert."""
+        """Start everything together; the gateway is ready once it sees the expert."""
+        self.ctx.say("inprocess: starting AsyncLLM in a child process ...")
+        async with asyncio.TaskGroup() as tasks:  # one failure cancels the other start
+            inprocess = tasks.create_task(self.runner.start())
+            tasks.create_task(self._start_mesh())
+        self.ctx.started("inprocess", inprocess.result())
+
+    async def _start_mesh(self) -> None:
         self.expert, self.gateway, self.relay = servers = self._servers()
         self.ctx.say(
             f"expert: starting at {self.expert_addr}, gateway at {self.gateway_addr}, "
@@ -242,8 +219,24 @@ class MeshGroup(Group):
         self.ctx.started("gateway", await self.gateway.wait_grpc_health(self.gateway_addr))
         self.ctx.started("relay", await self.relay.wait_grpc_health(self.relay_addr))
 
+    async def _inprocess_warm_up(self) -> None:
+        plan = self.ctx.plan
+        n = plan.warmup_requests
+        await self.runner.run(list(plan.prompts), min(n, 32), n, plan.warmup_max_tokens, plan.temperature)
+
+    async def _inprocess_trial(self, concurrency: int) -> None:
+        """One in-process trial: the load runs inside the engine's own process, sampled from here."""
+        ctx, plan = self.ctx, self.ctx.plan
+        roots = {"inprocess": self.runner.pid}
+        await ctx.settle("inprocess", concurrency, roots)
+        with ProcessSampler(roots) as sampler:
+            result = await self.runner.run(
+                list(plan.prompts), concurrency, plan.requests[concurrency], plan.max_tokens, plan.temperature
+            )
+        ctx.record("inprocess", result, sampler)
+
     async def measure(self) -> None:
-        """One channel per scenario, shared by all its streams; the three take turns at each level."""
+        """One channel per hop, shared by all its streams; the four take turns at each level."""
         ctx, plan = self.ctx, self.ctx.plan
         assert self.expert is not None and self.gateway is not None and self.relay is not None
         expert_pid = self.expert.pid
@@ -257,6 +250,7 @@ class MeshGroup(Group):
             ),
             ("relay", self.relay_addr, pb_grpc.GatewayStub, {"relay": self.relay.pid, "expert": expert_pid}),
         )
+        await self._inprocess_warm_up()
         async with contextlib.AsyncExitStack() as stack:
             calls = {}
             for name, address, stub, _ in hops:
@@ -265,14 +259,16 @@ class MeshGroup(Group):
                 await ctx.warm_up(mesh_client(calls[name], mesh_requests(plan, plan.warmup_max_tokens)))
             requests = mesh_requests(plan, plan.max_tokens)
             for c, _ in plan.levels():
+                await self._inprocess_trial(c)
                 for name, _, _, roots in hops:
                     await ctx.measure(name, mesh_client(calls[name], requests), roots, c)
 
     async def stop(self) -> None:
-        """Stop the relay and the gateway, then the expert."""
+        """Stop the relay and the gateway, then the expert, and the in-process engine."""
         for server in (self.relay, self.gateway, self.expert):
             if server is not None:
                 await server.stop()
+        await self.runner.stop()
 
 
 class VllmServerGroup(Group):
