@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from expertmesh.v1 import expertmesh_pb2 as pb
@@ -31,10 +32,8 @@ def token_logprobs(
     return out
 
 
-#: Tokens per message by streams in flight (``stream_interval: auto``): up to the first bound,
-#: the second; beyond the last bound, :data:`MOST_TOKENS_PER_MESSAGE`.
-AUTO_SCHEDULE = ((4, 1), (16, 2), (32, 4), (64, 8))
-MOST_TOKENS_PER_MESSAGE = 16
+#: ``stream_interval: auto``: (streams in flight up to, tokens per message), first match wins.
+AUTO_SCHEDULE = ((4, 1), (16, 2), (32, 4), (64, 8), (math.inf, 16))
 
 
 def stream_interval(in_flight: int, setting: int | str = "auto") -> int:
@@ -50,10 +49,7 @@ def stream_interval(in_flight: int, setting: int | str = "auto") -> int:
     """
     if isinstance(setting, int):
         return setting
-    for bound, tokens in AUTO_SCHEDULE:
-        if in_flight <= bound:
-            return tokens
-    return MOST_TOKENS_PER_MESSAGE
+    return next(tokens for bound, tokens in AUTO_SCHEDULE if in_flight <= bound)
 
 
 class Chunker:
