@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
+import subprocess
 import sys
 import time
 import uuid
@@ -116,9 +118,7 @@ class InProcessRunner:
 
     async def start(self, timeout: float = READY_TIMEOUT_S) -> float:
         """Start the child and wait until its engine is up; return the seconds it took."""
-        await self.server.start(
-            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, limit=64 * 1024 * 1024
-        )
+        self.server.start(stdin=subprocess.PIPE, stdout=subprocess.PIPE)
         reply = await self._reply(timeout)
         if not reply.get("ready"):
             raise BenchError(f"inprocess: unexpected first message {reply}")
@@ -129,11 +129,12 @@ class InProcessRunner:
         proc = self.server.proc
         assert proc is not None and proc.stdout is not None
         try:
-            line = await asyncio.wait_for(proc.stdout.readline(), timeout)
+            # A blocking read in a thread: the pipe is not the event loop's (see bench.procs).
+            line = await asyncio.wait_for(asyncio.to_thread(proc.stdout.readline), timeout)
         except TimeoutError:
             raise BenchError(f"inprocess: no answer after {timeout:.0f} s:\n{self.server.tail()}") from None
         if not line:
-            await proc.wait()
+            await self.server.wait(5)
             self.server.check_alive()
             raise BenchError("inprocess: the child closed its output")
         reply: dict[str, Any] = json.loads(line)
@@ -161,18 +162,16 @@ class InProcessRunner:
         proc = self.server.proc
         assert proc is not None and proc.stdin is not None
         proc.stdin.write((json.dumps(cmd) + "\n").encode())
-        await proc.stdin.drain()
+        proc.stdin.flush()  # one short line to a child that is always reading
 
     async def stop(self) -> None:
         """Ask the child to shut its engine down, then make sure the whole tree is gone."""
         proc = self.server.proc
-        if proc is not None and proc.returncode is None and proc.stdin is not None:
-            try:
+        if proc is not None and self.server.returncode is None and proc.stdin is not None:
+            with contextlib.suppress(OSError):
                 await self._send({"op": "quit"})
                 proc.stdin.close()
-                await asyncio.wait_for(proc.wait(), 30)
-            except (TimeoutError, ConnectionError):
-                pass
+            await self.server.wait(30)
         await self.server.stop()
 
 

@@ -8,6 +8,11 @@ processes. One session keeps client and servers under the same scheduling in eve
 as in-process AsyncLLM is. Readiness is grpc.health.v1 ``Check`` (service "") or HTTP
 ``/health``, never a fixed sleep. Memory is sampled with psutil over the whole process
 tree, since most of an engine's memory lives in its engine-core and worker children.
+
+Servers are started with :class:`subprocess.Popen`, which (without ``preexec_fn``) starts the
+child with vfork and exec. The benchmark starts servers while its gRPC channels are busy, and
+a plain fork() runs gRPC's fork handlers in this process: under load they now and then crashed
+it (SIGSEGV) or the child before its exec. uvloop's subprocess support always forks.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import contextlib
 import os
 import signal
 import socket
+import subprocess
 import sys
 import threading
 import time
@@ -55,7 +61,7 @@ class Server:
     argv: list[str]
     log_path: Path
     env: dict[str, str] = field(default_factory=dict)
-    proc: asyncio.subprocess.Process | None = None
+    proc: subprocess.Popen[bytes] | None = None
     started_at: float = 0.0
     descendants: dict[int, psutil.Process] = field(default_factory=dict)
     _log: IO[bytes] | None = None
@@ -72,17 +78,26 @@ class Server:
             raise BenchError(f"{self.name} was not started")
         return self.proc.pid
 
-    async def start(self, **popen: Any) -> None:
+    def start(self, **popen: Any) -> None:
         """Start the process in its own process group; output goes to the log file unless redirected."""
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log = self.log_path.open("ab")
         popen.setdefault("stdout", self._log)
-        popen.setdefault("stderr", asyncio.subprocess.STDOUT if popen["stdout"] is self._log else self._log)
-        # preexec_fn rather than process_group=: the benchmark runs on uvloop, which lacks the latter.
-        self.proc = await asyncio.create_subprocess_exec(
-            *self.argv, env={**os.environ, **self.env}, preexec_fn=os.setpgrp, **popen
-        )
+        popen.setdefault("stderr", subprocess.STDOUT if popen["stdout"] is self._log else self._log)
+        self.proc = subprocess.Popen(self.argv, env={**os.environ, **self.env}, process_group=0, **popen)
         self.started_at = time.monotonic()
+
+    @property
+    def returncode(self) -> int | None:
+        """The exit code, or None while the process runs."""
+        return None if self.proc is None else self.proc.poll()
+
+    async def wait(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds for the process to exit; True when it has."""
+        deadline = time.monotonic() + timeout
+        while self.returncode is None and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        return self.returncode is not None
 
     def tail(self, lines: int = 25) -> str:
         """The last lines of the log, to say why a server failed."""
@@ -90,9 +105,9 @@ class Server:
 
     def check_alive(self) -> None:
         """Raise BenchError (with the log tail) when the process has exited."""
-        if self.proc is not None and self.proc.returncode is not None:
+        if self.returncode is not None:
             raise BenchError(
-                f"{self.name} exited with code {self.proc.returncode}; log {self.log_path}:\n{self.tail()}"
+                f"{self.name} exited with code {self.returncode}; log {self.log_path}:\n{self.tail()}"
             )
 
     def record_descendants(self) -> None:
@@ -140,19 +155,20 @@ class Server:
         if self.proc is None:
             return
         self.record_descendants()
-        if self.proc.returncode is None:
+        if self.returncode is None:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(self.proc.pid, signal.SIGTERM)
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self.proc.wait(), grace)
+            await self.wait(grace)
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.proc.pid, signal.SIGKILL)
         for child in self.descendants.values():
             # psutil checks the start time, so a reused pid is never killed.
             with contextlib.suppress(psutil.Error):
                 child.kill()
-        with contextlib.suppress(ProcessLookupError):
-            await self.proc.wait()
+        await self.wait(STOP_GRACE_S)
+        for pipe in (self.proc.stdin, self.proc.stdout):
+            if pipe is not None:
+                pipe.close()
         if self._log is not None:
             self._log.close()
             self._log = None

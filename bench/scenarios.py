@@ -214,7 +214,7 @@ class MeshGroup(Group):
             f"relay at {self.relay_addr} ..."
         )
         for server in servers:
-            await server.start()
+            server.start()
         self.ctx.started("expert", await self.expert.wait_grpc_health(self.expert_addr))
         self.ctx.started("gateway", await self.gateway.wait_grpc_health(self.gateway_addr))
         self.ctx.started("relay", await self.relay.wait_grpc_health(self.relay_addr))
@@ -294,7 +294,7 @@ class VllmServerGroup(Group):
             env=self.ctx.settings.env(),
         )
         self.ctx.say(f"{name}: starting at {HOST}:{self.port} ...")
-        await server.start()
+        server.start()
         return server
 
     async def stop(self) -> None:

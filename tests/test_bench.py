@@ -10,10 +10,14 @@ import sys
 import time
 from pathlib import Path
 
+import grpc
+import psutil
 import pytest
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from expertmesh.bench.load import BenchError, Recorder, percentile, run_load
 from expertmesh.bench.plan import CONCURRENCY, SCENARIOS, LoadPlan
+from expertmesh.bench.procs import Server
 from expertmesh.bench.report import check_targets, plot, write_json
 
 METRICS = ("tok_s", "ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms", "itl_p99_ms", "peak_rss_mib")
@@ -109,6 +113,55 @@ def test_report_writes_json_targets_and_png(tmp_path: Path) -> None:
     assert not met[("gateway tok/s vs expert", 8)]  # 0.8 / 0.95 = 0.84
     plot(tmp_path / "results.png", scenarios, list(CONCURRENCY))
     assert (tmp_path / "results.png").read_bytes().startswith(PNG_SIGNATURE)
+
+
+async def test_servers_start_without_grpc_fork_handlers_while_grpc_is_busy(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    # The benchmark starts servers while its channels are busy. A fork() then runs gRPC's fork
+    # handlers in this process ("skipping fork() handlers" on stderr), which crashed it now and then.
+    server = grpc.aio.server()
+    health_pb2_grpc.add_HealthServicer_to_server(health.aio.HealthServicer(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    done = asyncio.Event()
+    checks = 0
+
+    async def poll() -> None:
+        nonlocal checks
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            while not done.is_set():
+                await stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=5)
+                checks += 1
+
+    pollers = [asyncio.create_task(poll()) for _ in range(4)]
+    try:
+        for i in range(20):
+            s = Server(f"s{i}", [sys.executable, "-c", "pass"], tmp_path / "s.log")
+            s.start()
+            assert await s.wait(30) and s.returncode == 0
+            await s.stop()
+    finally:
+        done.set()
+        await asyncio.gather(*pollers)
+        await server.stop(None)
+    assert checks > 20
+    assert "fork() handlers" not in capfd.readouterr().err
+
+
+async def test_server_stop_ends_its_whole_process_group(tmp_path: Path) -> None:
+    s = Server("sleepers", ["sh", "-c", "sleep 60 & sleep 60"], tmp_path / "s.log")
+    s.start()
+    await asyncio.sleep(0.3)
+    s.record_descendants()
+    children = list(s.descendants.values())
+    assert children and s.returncode is None
+    await s.stop(grace=5)
+    assert s.returncode == -15  # SIGTERM
+    assert not any(c.is_running() and c.status() != psutil.STATUS_ZOMBIE for c in children)
+    with pytest.raises(BenchError, match="sleepers exited with code -15"):
+        s.check_alive()
 
 
 @pytest.mark.engine
