@@ -131,7 +131,7 @@ class Forwarder:
     ) -> AsyncIterator[pb.GenerateResponse]:
         """One attempt. Yields the expert's messages; returns quietly when another may be tried."""
         metadata = tuple((k, v) for k, v in self.context.invocation_metadata() or () if k in PASSTHROUGH)
-        call = link.stub.Generate(self.request, timeout=self._timeout(), metadata=attempt.metadata(metadata))
+        call = link.mux.open(self.request, self._timeout(), attempt.metadata(metadata))
         link.outstanding += 1
         sent = 0
         try:

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from expertmesh.mux import Multiplexer
 from expertmesh.rpc import CHANNEL_OPTIONS
 from expertmesh.v1 import expertmesh_pb2 as pb
 from expertmesh.v1 import expertmesh_pb2_grpc as pb_grpc
@@ -69,6 +70,7 @@ class ExpertLink:
         self.address = address
         self.channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
         self.stub = pb_grpc.ExpertStub(self.channel)  # built once: a stub makes one callable per RPC
+        self.mux = Multiplexer(self.stub)  # every Generate to this replica, over one call
         self.health = "UNKNOWN"
         self.engine_ready = False
         self.outstanding = 0
@@ -140,9 +142,10 @@ class ExpertLink:
         )
 
     async def close(self) -> None:
-        """Stop watching and close the channel."""
+        """Stop watching, end the multiplexed call and close the channel."""
         for task in self._tasks:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        await self.mux.close()
         await self.channel.close()

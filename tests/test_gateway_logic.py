@@ -20,6 +20,7 @@ from expertmesh.client import MeshClient
 from expertmesh.config import load_config
 from expertmesh.gateway.health import Ejection
 from expertmesh.gateway.server import serve
+from expertmesh.mux import Multiplexed
 from expertmesh.rpc import Health, bind
 from expertmesh.v1 import expertmesh_pb2 as pb
 from expertmesh.v1 import expertmesh_pb2_grpc as pb_grpc
@@ -27,7 +28,7 @@ from expertmesh.v1 import expertmesh_pb2_grpc as pb_grpc
 from .support import free_port, wait_serving
 
 
-class FakeExpert(pb_grpc.ExpertServicer):
+class FakeExpert(Multiplexed, pb_grpc.ExpertServicer):
     """Streams ``pieces`` or fails with ``fail`` (before or after ``fail_after`` pieces)."""
 
     def __init__(self, expert_id: str) -> None:

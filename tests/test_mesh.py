@@ -17,6 +17,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 import psutil
@@ -132,6 +133,28 @@ def test_grpcurl_sees_reflection_and_health(mesh: Mesh) -> None:
     described = grpcurl(mesh.gateway, "describe", "expertmesh.v1.GenerateRequest")
     for name in ("request_id", "prompt", "messages", "domain", "expert_id", "sampling"):
         assert name in described
+    # The gateway's link, by hand: two streams in one call; the call ends when both have.
+    opens = [
+        {"stream_id": i, "open": {"request": {"prompt": p, "sampling": {"max_tokens": 3, "temperature": 0}}}}
+        for i, p in ((1, "def add(a, b):"), (2, "Hello"))
+    ]
+    out = grpcurl(
+        "-d", json.dumps({"frames": opens}), mesh.expert("code_tiny"), "expertmesh.v1.Expert/Multiplex"
+    )
+    frames = [f for batch in _json_objects(out) for f in batch["frames"]]
+    for stream in ("1", "2"):  # uint64 in proto JSON is a string
+        mine = [f for f in frames if f["stream_id"] == stream]
+        assert sum(len(f["chunk"].get("token_ids", [])) for f in mine if "chunk" in f) == 3
+        assert mine[-1] == {"stream_id": stream, "end": {}}  # code 0 (OK), omitted in JSON
+
+
+def _json_objects(text: str) -> list[dict[str, Any]]:
+    """The JSON objects grpcurl prints one after another for a stream."""
+    decoder, objects, i = json.JSONDecoder(), [], 0
+    while (i := text.find("{", i)) >= 0:
+        obj, i = decoder.raw_decode(text, i)
+        objects.append(obj)
+    return objects
 
 
 async def test_code_domain_streams_what_asyncllm_yields(mesh: Mesh, reference: subprocess.Popen[str]) -> None:

@@ -33,6 +33,7 @@ from expertmesh.client import MeshClient
 from expertmesh.config import load_config
 from expertmesh.gateway.server import serve
 from expertmesh.logs import RequestContextFilter, make_formatter, request_context, setup_logging
+from expertmesh.mux import Multiplexed
 from expertmesh.rpc import Health, bind
 from expertmesh.telemetry import metrics, tracing
 from expertmesh.telemetry.load import traced_load
@@ -299,7 +300,7 @@ async def test_expert_load_span_and_metric(spans: InMemorySpanExporter) -> None:
     )
 
 
-class FakeExpert(pb_grpc.ExpertServicer):
+class FakeExpert(Multiplexed, pb_grpc.ExpertServicer):
     """Streams three tokens (or fails first with ``fail``), traced like the real expert."""
 
     def __init__(self, expert_id: str, fail: grpc.StatusCode | None = None) -> None:

@@ -75,7 +75,8 @@ async def serve(cfg: ExpertConfig, port: int, grace_s: float, mesh: MeshConfig |
         lambda: life.engine.get_num_unfinished_requests() if life.engine else 0,
     )
     server = grpc.aio.server(options=SERVER_OPTIONS)
-    pb_grpc.add_ExpertServicer_to_server(ExpertServicer(life, prompts), server)
+    servicer = ExpertServicer(life, prompts)
+    pb_grpc.add_ExpertServicer_to_server(servicer, server)
     health = ExpertHealth(server, life)
     await health.apply()
     try:
@@ -99,6 +100,7 @@ async def serve(cfg: ExpertConfig, port: int, grace_s: float, mesh: MeshConfig |
         keeper.cancel()
         warm.cancel()
         await health.shutdown()
+        servicer.drain()  # the gateway's multiplexed calls end when their streams have
         # Nothing in flight can finish on a dead engine (its streams have already ended with
         # the cause), so a dead engine does not hold the restart for the whole grace period.
         grace = DEAD_ENGINE_GRACE_S if life.state == FAILED else grace_s

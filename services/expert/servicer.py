@@ -11,6 +11,7 @@ from typing import Any
 import grpc
 
 from expertmesh.errors import ResourceExhausted, Unavailable, grpc_errors
+from expertmesh.mux import Multiplexed
 from expertmesh.telemetry import expert_generate, trace_headers
 from expertmesh.v1 import expertmesh_pb2 as pb
 from expertmesh.v1 import expertmesh_pb2_grpc as pb_grpc
@@ -60,9 +61,10 @@ def _admit(life: Lifecycle, engine: Any) -> None:
         )
 
 
-class ExpertServicer(pb_grpc.ExpertServicer):
+class ExpertServicer(Multiplexed, pb_grpc.ExpertServicer):
     """Serves one expert. Requests are validated (and measured against the context) before the
-    engine, or a lazy load, is involved; the engine only ever sees requests it can run."""
+    engine, or a lazy load, is involved; the engine only ever sees requests it can run.
+    ``Multiplex`` (the gateway's link) runs each of its streams through ``Generate``."""
 
     def __init__(self, life: Lifecycle, prompts: Prompts) -> None:
         self.life = life
