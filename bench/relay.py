@@ -1,10 +1,9 @@
-"""A bare gRPC relay: the floor for any Python gRPC hop in front of an expert.
+"""A bare gRPC relay: one ``Generate`` call to the expert per request, and nothing else.
 
 It serves ``expertmesh.v1.Gateway/Generate`` by passing each request to one expert and
-streaming the answer back, and does nothing else: no routing, health watching, failover,
-telemetry or logging. The benchmark measures it beside the gateway (scenario ``relay``), so
-that the gateway's cost splits into what a second hop costs by itself (same gRPC library, same
-event loop) and what expertmesh adds on top of it.
+streaming the answer back: no routing, health watching, failover, telemetry or logging. The
+benchmark measures it beside the gateway (scenario ``relay``): what a per-call Python gRPC hop
+costs by itself (same gRPC library, same event loop), against the gateway's multiplexed link.
 
     python -m expertmesh.bench.relay --target HOST:PORT --port PORT
 """

@@ -1,4 +1,5 @@
-"""The gateway's view of one expert replica: its channel, pushed health, load and ejection state.
+"""The gateway's view of one expert replica: its channel, the multiplexed call its requests
+share (:mod:`expertmesh.mux`), pushed health, load and ejection state.
 
 Health arrives by ``grpc.health.v1.Health/Watch`` (pushed, not polled) on two services of the
 expert: ``expertmesh.v1.Expert`` (can it take a request?) and ``expertmesh.v1.Expert/engine``
