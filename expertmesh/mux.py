@@ -40,7 +40,7 @@ _CODES = {code.value[0]: code for code in grpc.StatusCode}
 MAX_FRAMES = 128
 
 
-def status_error(code: grpc.StatusCode, details: str) -> grpc.aio.AioRpcError:
+def _status_error(code: grpc.StatusCode, details: str) -> grpc.aio.AioRpcError:
     """The error a ``Generate`` call would have raised with this status."""
     return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), details)
 
@@ -122,14 +122,14 @@ class MuxStream:
                     frame = await self._queue.get()
             except TimeoutError:
                 self.cancel()
-                raise status_error(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded") from None
+                raise _status_error(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded") from None
             if frame.HasField("chunk"):
                 yield frame.chunk
                 continue
             self._finish()
             if frame.end.code == 0:
                 return
-            raise status_error(_CODES.get(frame.end.code, grpc.StatusCode.UNKNOWN), frame.end.details)
+            raise _status_error(_CODES.get(frame.end.code, grpc.StatusCode.UNKNOWN), frame.end.details)
 
     def _finish(self) -> bool:
         if self._done:
