@@ -109,20 +109,18 @@ class MuxStream:
         self._session = session
         self._id = stream_id
         self._queue = session.streams[stream_id]
-        self._deadline = None if timeout is None else asyncio.get_running_loop().time() + timeout
         self._done = False
+        # One timer per stream, not a timeout around every message: at the deadline the stream
+        # ends as a Generate call would, and the expert is told to stop.
+        loop = asyncio.get_running_loop()
+        self._timer = None if timeout is None else loop.call_later(timeout, self._expire)
 
     def __aiter__(self) -> AsyncIterator[pb.GenerateResponse]:
         return self._messages()
 
     async def _messages(self) -> AsyncIterator[pb.GenerateResponse]:
         while True:
-            try:
-                async with asyncio.timeout_at(self._deadline):
-                    frame = await self._queue.get()
-            except TimeoutError:
-                self.cancel()
-                raise _status_error(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded") from None
+            frame = await self._queue.get()
             if frame.HasField("chunk"):
                 yield frame.chunk
                 continue
@@ -136,7 +134,13 @@ class MuxStream:
             return False
         self._done = True
         self._session.streams.pop(self._id, None)
+        if self._timer is not None:
+            self._timer.cancel()
         return True
+
+    def _expire(self) -> None:
+        self._queue.put_nowait(_end(self._id, grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded"))
+        self.cancel()
 
     def cancel(self) -> None:
         """Stop the stream (the expert aborts its engine request); a no-op once it has ended."""
