@@ -290,19 +290,18 @@ class ProcessSampler:
         return out
 
 
-async def wait_for_quiet(
-    roots: dict[str, int], limit_s: float, max_cores: float = 0.4, window_s: float = 0.5
-) -> float:
-    """Wait (up to ``limit_s``) until the rest of the machine uses under ``max_cores`` cores.
+async def wait_for_quiet(limit_s: float, max_cores: float = 0.4, window_s: float = 0.5) -> float:
+    """Wait (up to ``limit_s``) until the machine, this process left out, uses under ``max_cores``.
 
-    Called between trials so that a trial does not start while a neighbour (another engine
-    starting, a test suite) has the CPUs. Our own servers (``roots``) and this process are left
-    out: a vLLM engine keeps spinning for a moment after its last request. Returns the last
+    Called between trials so that a trial does not start while something else has the CPUs:
+    a neighbour (another engine starting, a test suite), and our own servers too, since a vLLM
+    engine spins a whole core for about a second after its last request; left running into the
+    next trial, that core is taken from whichever scenario comes next. Returns the last
     reading, in cores.
     """
     deadline = time.monotonic() + limit_s
     while True:
-        with ProcessSampler(roots, client=os.getpid(), interval=window_s) as sampler:
+        with ProcessSampler({}, client=os.getpid(), interval=window_s) as sampler:
             await asyncio.sleep(window_s)
         cores = sampler.cpu_cores()["other"]
         if cores < max_cores or time.monotonic() >= deadline:

@@ -101,20 +101,20 @@ class Context:
         n = self.plan.warmup_requests
         await run_load(one, min(n, 32), n, self.plan.warmup_max_tokens)
 
-    async def settle(self, scenario: str, concurrency: int, roots: dict[str, int]) -> None:
-        """Before a trial: wait (bounded) until the rest of the machine is quiet; say when it was not."""
+    async def settle(self, scenario: str, concurrency: int) -> None:
+        """Before a trial: wait (bounded) until the machine is quiet; say when it was not."""
         if self.plan.quiet_wait_s <= 0:
             return
         started = time.monotonic()
-        busy = await wait_for_quiet(roots, self.plan.quiet_wait_s)
+        busy = await wait_for_quiet(self.plan.quiet_wait_s)
         waited = time.monotonic() - started
         if waited > 2:
             note = "quiet" if busy < 0.4 else f"still busy ({busy:.2f} cores), measuring anyway"
-            self.say(f"{scenario} {concurrency} streams: waited {waited:.0f} s for other load: {note}")
+            self.say(f"{scenario} {concurrency} streams: waited {waited:.0f} s for the machine: {note}")
 
     async def measure(self, scenario: str, one: OneRequest, roots: dict[str, int], concurrency: int) -> None:
         """One trial with the load generated here, sampling the servers' process trees."""
-        await self.settle(scenario, concurrency, roots)
+        await self.settle(scenario, concurrency)
         with ProcessSampler(roots, client=os.getpid()) as sampler:
             result = await run_load(one, concurrency, self.plan.requests[concurrency], self.plan.max_tokens)
         self.record(scenario, result, sampler)
@@ -228,7 +228,7 @@ class MeshGroup(Group):
         """One in-process trial: the load runs inside the engine's own process, sampled from here."""
         ctx, plan = self.ctx, self.ctx.plan
         roots = {"inprocess": self.runner.pid}
-        await ctx.settle("inprocess", concurrency, roots)
+        await ctx.settle("inprocess", concurrency)
         with ProcessSampler(roots) as sampler:
             result = await self.runner.run(
                 list(plan.prompts), concurrency, plan.requests[concurrency], plan.max_tokens, plan.temperature

@@ -17,7 +17,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from expertmesh.bench.load import BenchError, Recorder, percentile, run_load
 from expertmesh.bench.plan import CONCURRENCY, SCENARIOS, LoadPlan
-from expertmesh.bench.procs import Server
+from expertmesh.bench.procs import Server, wait_for_quiet
 from expertmesh.bench.report import check_targets, plot, write_json
 
 METRICS = ("tok_s", "ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms", "itl_p99_ms", "peak_rss_mib")
@@ -162,6 +162,21 @@ async def test_server_stop_ends_its_whole_process_group(tmp_path: Path) -> None:
     assert not any(c.is_running() and c.status() != psutil.STATUS_ZOMBIE for c in children)
     with pytest.raises(BenchError, match="sleepers exited with code -15"):
         s.check_alive()
+
+
+async def test_wait_for_quiet_waits_for_our_own_busy_processes() -> None:
+    # A vLLM engine of ours spins a core for about a second after its last request; the next
+    # trial must not start before that ends (it used to: our own processes were left out).
+    spin = "import time\nend = time.monotonic() + 1.5\nwhile time.monotonic() < end: pass"
+    child = subprocess.Popen([sys.executable, "-c", spin])
+    try:
+        await asyncio.sleep(0.2)
+        cores = await wait_for_quiet(limit_s=10)
+        assert child.poll() == 0, "returned while our own child was still spinning"
+        assert cores < 0.4
+    finally:
+        child.kill()
+        child.wait()
 
 
 @pytest.mark.engine
