@@ -171,9 +171,8 @@ async def test_wait_for_quiet_waits_for_our_own_busy_processes() -> None:
     child = subprocess.Popen([sys.executable, "-c", spin])
     try:
         await asyncio.sleep(0.2)
-        cores = await wait_for_quiet(limit_s=10)
+        await wait_for_quiet(limit_s=10)
         assert child.poll() == 0, "returned while our own child was still spinning"
-        assert cores < 0.4
     finally:
         child.kill()
         child.wait()
