@@ -290,7 +290,11 @@ class ProcessSampler:
         return out
 
 
-async def wait_for_quiet(limit_s: float, max_cores: float = 0.4, window_s: float = 0.5) -> float:
+#: Below this many busy cores (this process left out) the machine counts as quiet.
+QUIET_CORES = 0.4
+
+
+async def wait_for_quiet(limit_s: float, max_cores: float = QUIET_CORES, window_s: float = 0.5) -> float:
     """Wait (up to ``limit_s``) until the machine, this process left out, uses under ``max_cores``.
 
     Called between trials so that a trial does not start while something else has the CPUs:

@@ -38,7 +38,7 @@ from .clients import mesh_client, mesh_requests, openai_client, vllm_grpc_client
 from .inprocess import InProcessRunner
 from .load import LoadResult, OneRequest, run_load
 from .plan import EXPERT_ID, EngineSettings, LoadPlan
-from .procs import ProcessSampler, Server, free_port, wait_for_quiet
+from .procs import QUIET_CORES, ProcessSampler, Server, free_port, wait_for_quiet
 
 HOST = "127.0.0.1"
 
@@ -109,7 +109,7 @@ class Context:
         busy = await wait_for_quiet(self.plan.quiet_wait_s)
         waited = time.monotonic() - started
         if waited > 2:
-            note = "quiet" if busy < 0.4 else f"still busy ({busy:.2f} cores), measuring anyway"
+            note = "quiet" if busy < QUIET_CORES else f"still busy ({busy:.2f} cores), measuring anyway"
             self.say(f"{scenario} {concurrency} streams: waited {waited:.0f} s for the machine: {note}")
 
     async def measure(self, scenario: str, one: OneRequest, roots: dict[str, int], concurrency: int) -> None:
