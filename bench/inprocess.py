@@ -33,7 +33,8 @@ from .procs import READY_TIMEOUT_S, Server
 async def _serve(settings: EngineSettings, proto: IO[str]) -> None:
     from vllm.v1.engine.async_llm import AsyncLLM
 
-    from expertmesh.services.expert.engine import engine_args
+    from expertmesh import cpus
+    from expertmesh.services.expert.engine import descendants, engine_args
 
     def send(obj: dict[str, Any]) -> None:
         proto.write(json.dumps(obj) + "\n")
@@ -41,7 +42,10 @@ async def _serve(settings: EngineSettings, proto: IO[str]) -> None:
 
     started = time.monotonic()
     # The very engine arguments an expert builds from the same settings.
-    engine = AsyncLLM.from_engine_args(engine_args(settings.expert_config()))
+    config = settings.expert_config()
+    engine = AsyncLLM.from_engine_args(engine_args(config))
+    if config.reserved_cores:  # where an expert puts its threads and engine core, so do we
+        cpus.place(descendants())
     try:
         send({"ready": True, "startup_s": time.monotonic() - started})
         while True:

@@ -34,6 +34,7 @@ import grpc
 import psutil
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from expertmesh import cpus
 from expertmesh.logs import log_tail
 
 from .load import BenchError
@@ -84,6 +85,8 @@ class Server:
         self._log = self.log_path.open("ab")
         popen.setdefault("stdout", self._log)
         popen.setdefault("stderr", subprocess.STDOUT if popen["stdout"] is self._log else self._log)
+        # A child inherits this thread's cores, and a trial may have narrowed them (Context.measure).
+        cpus.widen_this_thread()
         self.proc = subprocess.Popen(self.argv, env={**os.environ, **self.env}, process_group=0, **popen)
         self.started_at = time.monotonic()
 
@@ -176,13 +179,11 @@ class Server:
 
 def _role(proc: psutil.Process) -> str:
     """A readable name for a process of a server's tree (vLLM retitles its children)."""
-    with contextlib.suppress(psutil.Error):
-        cmd = proc.cmdline()
-        if cmd and cmd[0].startswith("VLLM::"):
-            return cmd[0].removeprefix("VLLM::")
-        if any("resource_tracker" in c for c in cmd):
-            return "resource_tracker"
-    return f"pid{proc.pid}"
+    role = cpus.vllm_role(proc)
+    if not role:
+        with contextlib.suppress(psutil.Error):
+            role = "resource_tracker" if any("resource_tracker" in c for c in proc.cmdline()) else ""
+    return role or f"pid{proc.pid}"
 
 
 class ProcessSampler:

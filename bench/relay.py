@@ -11,11 +11,13 @@ costs by itself (same gRPC library, same event loop), against the gateway's mult
 from __future__ import annotations
 
 import argparse
+import asyncio
 from collections.abc import AsyncIterator
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from expertmesh import cpus
 from expertmesh.loop import run
 from expertmesh.v1 import expertmesh_pb2 as pb
 from expertmesh.v1 import expertmesh_pb2_grpc as pb_grpc
@@ -44,7 +46,9 @@ async def serve(target: str, host: str, port: int) -> None:
         health_pb2_grpc.add_HealthServicer_to_server(checks, server)
         server.add_insecure_port(f"{host}:{port}")
         await server.start()
+        placing = asyncio.create_task(cpus.keep_placed("relay"))  # where the gateway runs, too
         await server.wait_for_termination()
+        placing.cancel()
 
 
 def main() -> None:

@@ -31,6 +31,7 @@ from typing import Any
 
 import grpc
 
+from expertmesh import cpus
 from expertmesh.config import GatewayConfig, MeshConfig
 from expertmesh.v1 import expertmesh_pb2_grpc as pb_grpc
 
@@ -115,6 +116,8 @@ class Context:
     async def measure(self, scenario: str, one: OneRequest, roots: dict[str, int], concurrency: int) -> None:
         """One trial with the load generated here, sampling the servers' process trees."""
         await self.settle(scenario, concurrency)
+        # The load generator keeps off the engine workers' cores, as a client elsewhere would.
+        cpus.place()
         with ProcessSampler(roots, client=os.getpid()) as sampler:
             result = await run_load(one, concurrency, self.plan.requests[concurrency], self.plan.max_tokens)
         self.record(scenario, result, sampler)

@@ -91,6 +91,10 @@ class ExpertConfig(_Strict):
         default="auto",
         description="Tokens per streamed message: a number, or auto (1, up to 16 as streams grow).",
     )
+    reserved_cores: bool = Field(
+        default=True,
+        description="Run the server and vLLM's engine core on the cores vLLM's CPU workers leave free.",
+    )
 
     @field_validator("stream_interval", mode="before")
     @classmethod
@@ -159,6 +163,9 @@ class GatewayConfig(_Strict):
     port: int = Field(default=8080, ge=0, le=65535)
     metrics_port: int | None = Field(
         default=None, gt=0, le=65535, description="Prometheus /metrics port on host; None = off."
+    )
+    reserved_cores: bool = Field(
+        default=True, description="Run on the cores vLLM's CPU workers on this host leave free."
     )
 
 

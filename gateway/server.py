@@ -17,6 +17,7 @@ from pathlib import Path
 
 import grpc
 
+from expertmesh import cpus
 from expertmesh.config import ConfigError, MeshConfig, load_config
 from expertmesh.rpc import SERVER_OPTIONS, Health, bind, stop_event_on_signals
 from expertmesh.telemetry import Identity, start_telemetry, watch_replicas
@@ -124,6 +125,8 @@ async def serve(
     bound = bind(server, config.gateway.host, config.gateway.port if port is None else port)
     await server.start()
     tasks = [asyncio.create_task(_mirror_health(pool, health))]
+    if config.gateway.reserved_cores:  # beside experts on one host, keep off their engines' cores
+        tasks.append(asyncio.create_task(cpus.keep_placed("gateway")))
     if config_path is not None:
         reloader = Reloader(config_path, servicer, pool)
         asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, reloader.requested.set)

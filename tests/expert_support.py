@@ -13,6 +13,7 @@ from pathlib import Path
 import grpc
 import psutil
 
+from expertmesh.cpus import vllm_role
 from expertmesh.v1 import expertmesh_pb2 as pb
 from expertmesh.v1 import expertmesh_pb2_grpc as pb_grpc
 
@@ -83,3 +84,30 @@ async def wait_state(address: str, state: int, timeout: float = 300) -> pb.InfoR
                 return last
         await asyncio.sleep(0.2)
     raise TimeoutError(f"{address} not {pb.ExpertState.Name(state)} after {timeout} s; last Info: {last}")  # type: ignore[arg-type]
+
+
+def thread_cores(proc: psutil.Process) -> frozenset[int]:
+    """The cores any thread of ``proc`` may run on."""
+    return frozenset(c for t in proc.threads() for c in os.sched_getaffinity(t.id))
+
+
+def all_workers(pid: int) -> list[psutil.Process]:
+    """vLLM's worker processes under ``pid``."""
+    return [p for p in psutil.Process(pid).children(recursive=True) if vllm_role(p).startswith("Worker")]
+
+
+def assert_off_worker_cores(pid: int) -> None:
+    """The expert ``pid`` and its engine core run, every thread, only where its worker does not.
+
+    vLLM binds the worker to all the cores the expert was started with but the reserved ones;
+    the expert and the engine core must be on exactly those reserved ones.
+    """
+    started_with = frozenset(os.sched_getaffinity(0))  # the tests start experts from here
+    root = psutil.Process(pid)
+    cores = {"expert": thread_cores(root)}
+    for proc in root.children(recursive=True):
+        if role := vllm_role(proc):
+            cores[role] = thread_cores(proc)
+    worker = cores.get("Worker", frozenset())
+    assert worker and worker < started_with, cores
+    assert cores["expert"] == cores["EngineCore"] == started_with - worker, cores

@@ -29,7 +29,7 @@ from expertmesh.config import MeshConfig, load_config
 from expertmesh.v1 import expertmesh_pb2 as pb
 from expertmesh.v1 import expertmesh_pb2_grpc as pb_grpc
 
-from .expert_support import info, start_expert, stop_group, tree_rss, wait_state
+from .expert_support import assert_off_worker_cores, info, start_expert, stop_group, tree_rss, wait_state
 from .support import demo_expert, health_status, wait_serving, write_config
 
 pytestmark = pytest.mark.engine
@@ -129,6 +129,7 @@ async def test_first_request_loads_the_engine_and_reports_it(experts: Experts) -
     assert (ready.state, ready.load_count) == (pb.EXPERT_STATE_READY, 1)
     assert 0 < ready.load_seconds <= messages[0].load_wait_seconds
     assert await health_status(address, ENGINE) == "SERVING"
+    assert_off_worker_cores(experts.procs["lazy_general"].pid)
 
     started = time.monotonic()
     warm = await _generate(address, "Once upon a time", max_tokens=8, temperature=0, ignore_eos=True)
@@ -160,6 +161,7 @@ async def test_idle_unload_frees_memory_and_the_next_request_reloads(experts: Ex
     assert messages[0].load_wait_seconds > 1
     again = await info(address)
     assert (again.state, again.load_count) == (pb.EXPERT_STATE_READY, 2)
+    assert_off_worker_cores(pid)  # the new engine's worker was bound from every core again
     print(
         f"\nMEASURED RSS of the expert process tree: READY {rss_ready / GIB:.2f} GiB, "
         f"COLD {rss_cold / GIB:.2f} GiB"

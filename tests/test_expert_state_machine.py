@@ -42,7 +42,9 @@ class FakeEngine:
 
 
 def _cfg(**extra: Any) -> ExpertConfig:
-    return ExpertConfig(expert_id="e", domain="d", model_path="/nowhere", **extra)
+    # No core placement: a stand-in engine starts no processes, so the test's own children
+    # (other tests' engines) would be taken for this one's.
+    return ExpertConfig(expert_id="e", domain="d", model_path="/nowhere", reserved_cores=False, **extra)
 
 
 @pytest.fixture

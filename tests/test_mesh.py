@@ -23,11 +23,13 @@ import grpc
 import psutil
 import pytest
 
+from expertmesh import cpus
 from expertmesh.client import MeshClient, SyncMeshClient
 from expertmesh.config import MeshConfig, load_config
 from expertmesh.v1 import expertmesh_pb2 as pb
 from expertmesh.v1 import expertmesh_pb2_grpc as pb_grpc
 
+from .expert_support import all_workers, assert_off_worker_cores, thread_cores
 from .support import GRPCURL, REPO, VENV_BIN, demo_expert, health_status, wait_serving, write_config
 
 pytestmark = pytest.mark.engine
@@ -278,6 +280,22 @@ def _cmdline(proc: psutil.Process) -> list[str]:
         return proc.cmdline()
     except psutil.Error:  # exited (or a zombie) since the listing
         return []
+
+
+async def test_experts_and_gateway_keep_off_the_engine_workers_cores(mesh: Mesh) -> None:
+    """On one host, the servers and engine cores leave vLLM's workers their cores to themselves."""
+    family = psutil.Process(mesh.proc.pid).children()
+    experts = [p for p in family if "expertmesh.services.expert" in _cmdline(p)]
+    (gateway,) = [p for p in family if "expertmesh.gateway" in _cmdline(p)]
+    assert len(experts) == 2
+    for expert in experts:
+        assert_off_worker_cores(expert.pid)
+    workers = frozenset().union(*(w.cpu_affinity() for w in all_workers(mesh.proc.pid)))
+    want = frozenset(os.sched_getaffinity(0)) - workers
+    deadline = time.monotonic() + cpus.PLACE_EVERY_S + 10  # it looks again every few seconds
+    while (now := thread_cores(gateway)) != want and time.monotonic() < deadline:
+        await asyncio.sleep(0.5)
+    assert now == want, (now, workers)
 
 
 def test_sigterm_stops_every_process_within_the_grace_period(mesh: Mesh) -> None:

@@ -15,6 +15,7 @@ from typing import Any
 
 import psutil
 
+from expertmesh import cpus
 from expertmesh.config import ExpertConfig
 
 #: Memory vLLM's engine and worker processes take beyond weights and KV cache (torch, the
@@ -71,6 +72,8 @@ def build_engine(cfg: ExpertConfig) -> Any:
     if errors:
         raise PreflightError("; ".join(str(f) for f in errors))
 
+    # The engine's processes inherit this thread's cores, and vLLM picks its worker's from them.
+    cpus.widen_this_thread()
     if cfg.kv_cache_space_gib is not None:
         # Read by the engine core process that vLLM spawns, which inherits our environment.
         os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(cfg.kv_cache_space_gib)

@@ -24,6 +24,7 @@ from typing import Any
 
 import psutil
 
+from expertmesh import cpus
 from expertmesh.config import ExpertConfig
 from expertmesh.errors import FailedPrecondition, Unavailable
 from expertmesh.telemetry import traced_load
@@ -207,6 +208,10 @@ class Lifecycle:
             return
         self.engine = engine
         self._engine_procs = [p for p in descendants() if p.pid not in known]
+        if self.cfg.reserved_cores:
+            cores = cpus.place(self._engine_procs)
+            if cores is not None:
+                log.info("expert %s and its engine core run on cores %s", self.cfg.expert_id, sorted(cores))
         self.load_seconds = time.monotonic() - started
         self.load_count += 1
         self.max_model_len = int(engine.model_config.max_model_len)
