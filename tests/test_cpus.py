@@ -1,8 +1,8 @@
-"""Placing an expert's threads off its engine worker's cores, with stand-in vLLM processes.
+"""Placing a server's threads off vLLM's worker cores, with stand-in vLLM processes.
 
 ``place`` narrows the calling process, so each case runs it in a child Python process; the
 "engine" is two ``sleep`` processes titled as vLLM titles its own (``VLLM::EngineCore``,
-``VLLM::Worker``). The real engines are checked in test_expert_lifecycle.py.
+``VLLM::Worker``). Real engines: test_expert_lifecycle.py and test_mesh.py.
 """
 
 from __future__ import annotations
@@ -26,7 +26,9 @@ extra.start()
 placed = cpus.place([psutil.Process(int(p)) for p in sys.argv[1:]])
 cores = sorted({c for t in psutil.Process().threads() for c in os.sched_getaffinity(t.id)})
 later = []
-threading.Thread(target=lambda: later.extend(os.sched_getaffinity(0))).start()  # born after it
+born_after = threading.Thread(target=lambda: later.extend(os.sched_getaffinity(0)))
+born_after.start()
+born_after.join()
 stop.set()
 extra.join()
 cpus.widen_this_thread()
