@@ -38,6 +38,7 @@ def main_bench(quick: bool, out: Path) -> int:
     stored under ``errors`` in the JSON). Speed targets are reported, never turned into failures.
     """
     from expertmesh.loop import run
+    from expertmesh.services.expert.ipc_dir import IpcDir
 
     from .plan import EngineSettings, LoadPlan, default_model
     from .report import markdown, plot, print_tables, write_json
@@ -52,8 +53,12 @@ def main_bench(quick: bool, out: Path) -> int:
         f"{'quick' if quick else 'full'} run, {plan.max_tokens} output tokens per request, "
         f"requests per level {plan.requests}; output in {out}"
     )
-    # A quick run starts the next engine while one is measured: half the wall time, noisier numbers.
-    results = run(run_groups(Context(settings, plan, out, _say), overlap=quick))
+    ipc = IpcDir.claim()  # every engine below, ours and vLLM's servers, leaves its sockets there
+    try:
+        # A quick run starts the next engine while one is measured: half the wall time, noisier numbers.
+        results = run(run_groups(Context(settings, plan, out, _say), overlap=quick))
+    finally:
+        ipc.remove()
     elapsed = time.monotonic() - started
     doc = write_json(
         out / "results.json",

@@ -7,6 +7,7 @@ import json
 import math
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from expertmesh.bench.load import BenchError, Recorder, percentile, run_load
 from expertmesh.bench.plan import CONCURRENCY, SCENARIOS, LoadPlan
 from expertmesh.bench.procs import Server, wait_for_quiet
 from expertmesh.bench.report import check_targets, plot, write_json
+from expertmesh.services.expert.ipc_dir import PREFIX
 
 METRICS = ("tok_s", "ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms", "itl_p99_ms", "peak_rss_mib")
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -178,9 +180,16 @@ async def test_wait_for_quiet_waits_for_our_own_busy_processes() -> None:
         child.wait()
 
 
+def _ipc_leftovers() -> set[Path]:
+    """Socket files in the temp dir (what vLLM's engines leave) and IPC directories of ours."""
+    tmp = Path(tempfile.gettempdir())
+    return {p for p in tmp.iterdir() if p.is_socket()} | set(tmp.glob(f"{PREFIX}*"))
+
+
 @pytest.mark.engine
 @pytest.mark.timeout(420)
 def test_bench_quick_runs_every_scenario(tmp_path: Path) -> None:
+    ipc_before = _ipc_leftovers()
     started = time.monotonic()
     proc = subprocess.run(
         [sys.executable, "-m", "expertmesh.cli", "bench", "--quick", "--out", str(tmp_path)],
@@ -198,3 +207,6 @@ def test_bench_quick_runs_every_scenario(tmp_path: Path) -> None:
     for name in SCENARIOS:
         assert name in proc.stdout
     assert "targets" in proc.stdout
+    # Every engine of the run (vLLM's servers too) left its sockets in the run's own directory,
+    # which went at the end.
+    assert _ipc_leftovers() == ipc_before

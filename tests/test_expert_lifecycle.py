@@ -29,7 +29,15 @@ from expertmesh.config import MeshConfig, load_config
 from expertmesh.v1 import expertmesh_pb2 as pb
 from expertmesh.v1 import expertmesh_pb2_grpc as pb_grpc
 
-from .expert_support import assert_off_worker_cores, info, start_expert, stop_group, tree_rss, wait_state
+from .expert_support import (
+    assert_off_worker_cores,
+    info,
+    ipc_dirs,
+    start_expert,
+    stop_group,
+    tree_rss,
+    wait_state,
+)
 from .support import demo_expert, health_status, wait_serving, write_config
 
 pytestmark = pytest.mark.engine
@@ -157,7 +165,10 @@ async def test_idle_unload_frees_memory_and_the_next_request_reloads(experts: Ex
     assert cold.memory_bytes < rss_ready - 1.5 * GIB
     assert await health_status(address) == "SERVING"  # it still takes requests ...
     assert await health_status(address, ENGINE) == "NOT_SERVING"  # ... but is cold
+    [ipc] = ipc_dirs(pid)
+    assert list(ipc.iterdir()) == []  # the sockets the engine's processes left went with them
     messages = await _generate(address, "Again", max_tokens=4)
+    assert list(ipc.iterdir())  # the new engine's sockets are there, not in the temp dir
     assert messages[0].load_wait_seconds > 1
     again = await info(address)
     assert (again.state, again.load_count) == (pb.EXPERT_STATE_READY, 2)
@@ -224,3 +235,4 @@ async def test_sigterm_lets_in_flight_streams_finish(experts: Experts) -> None:
     assert await asyncio.to_thread(proc.wait, experts.config.grace_period_s + 15) == 0
     _, alive = psutil.wait_procs(family, timeout=5)
     assert alive == []
+    assert ipc_dirs(proc.pid) == []

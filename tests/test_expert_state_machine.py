@@ -7,10 +7,12 @@ transitions, the use counting and the failure texts are checked quickly and exac
 from __future__ import annotations
 
 import asyncio
+import os
 import subprocess
 import sys
 import textwrap
 import threading
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -18,7 +20,9 @@ import pytest
 
 from expertmesh.config import ExpertConfig
 from expertmesh.errors import MeshError, ResourceExhausted, status_for
+from expertmesh.services.expert import ipc_dir
 from expertmesh.services.expert import lifecycle as lc
+from expertmesh.services.expert.ipc_dir import IpcDir
 from expertmesh.services.expert.lifecycle import COLD, FAILED, LOADING, READY, Lifecycle
 from expertmesh.services.expert.output_tail import OutputTail, root_cause
 
@@ -83,6 +87,38 @@ async def test_lazy_load_on_demand_then_unload(gate: threading.Event) -> None:
     await task
     assert (life.state, life.unload_reason, engine.shut_down) == (COLD, "test", True)
     assert seen == [LOADING, READY, lc.UNLOADING, COLD]
+
+
+async def test_an_unload_clears_the_sockets_the_engine_left(gate: threading.Event, tmp_path: Path) -> None:
+    ipc = IpcDir(tmp_path)
+    life = Lifecycle(_cfg(), ipc=ipc)
+    gate.set()
+    await life.ensure_ready()
+    (tmp_path / "left-by-the-engine").touch()  # what vLLM's processes leave on exit
+    task = life.request_unload("test")
+    assert task is not None
+    await task
+    assert (life.state, list(tmp_path.iterdir())) == (COLD, [])
+    ipc.remove()
+    assert not tmp_path.exists()
+
+
+def test_ipc_dir_is_claimed_once_and_never_over_the_operators_choice(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(ipc_dir.ENV, raising=False)
+    ours = IpcDir.claim()
+    try:
+        assert ours.path is not None and ours.path.is_dir()
+        assert ours.path.name.startswith(f"{ipc_dir.PREFIX}{os.getpid()}-")
+        assert os.environ[ipc_dir.ENV] == str(ours.path)  # read by vLLM, inherited by its processes
+        again = IpcDir.claim()  # set now, as an operator's setting would be: left alone
+        assert again.path is None
+        again.clear()
+        again.remove()
+        assert ours.path.is_dir()
+    finally:
+        ours.remove()
+        os.environ.pop(ipc_dir.ENV, None)  # it names a removed directory now
+    assert not ours.path.exists()
 
 
 async def test_a_deadline_while_waiting_does_not_cancel_the_load(gate: threading.Event) -> None:

@@ -31,6 +31,7 @@ from expertmesh.telemetry import traced_load
 from expertmesh.v1 import expertmesh_pb2 as pb
 
 from .engine import build_engine, descendants, shutdown_engine, tree_rss
+from .ipc_dir import IpcDir
 from .output_tail import OutputTail, root_cause
 
 log = logging.getLogger(__name__)
@@ -69,6 +70,7 @@ class Lifecycle:
         before_load: BeforeLoad | None = None,
         prepare: Callable[[], Awaitable[None]] | None = None,
         output: OutputTail | None = None,
+        ipc: IpcDir | None = None,
     ) -> None:
         self.cfg = cfg
         self.state: int = COLD
@@ -89,6 +91,7 @@ class Lifecycle:
         self._before_load = before_load
         self._prepare = prepare
         self._output = output
+        self._ipc = ipc
 
     # -- observation -----------------------------------------------------------------------
 
@@ -267,6 +270,8 @@ class Lifecycle:
         started = time.monotonic()
         try:
             await asyncio.to_thread(shutdown_engine, engine, self._engine_procs)
+            if self._ipc is not None:  # the engine's processes are gone: so are their sockets' users
+                self._ipc.clear()
         except Exception:
             log.exception("expert %s: engine shutdown failed", self.cfg.expert_id)
         self.unload_reason = reason

@@ -21,6 +21,7 @@ from expertmesh.v1 import expertmesh_pb2_grpc as pb_grpc
 
 from .budget import MemoryBudget
 from .health import ExpertHealth
+from .ipc_dir import IpcDir
 from .lifecycle import FAILED, Lifecycle
 from .output_tail import OutputTail
 from .prompt import Prompts
@@ -55,6 +56,7 @@ async def _warm_tokenizer(prompts: Prompts) -> None:
 async def serve(cfg: ExpertConfig, port: int, grace_s: float, mesh: MeshConfig | None = None) -> int:
     """Serve until a signal or engine death; return the process exit code."""
     output = OutputTail().install()  # so that a failed load reports the engine processes' error
+    ipc = IpcDir.claim()
     stop = stop_event_on_signals()
     telemetry = start_telemetry(
         Identity("expert", cfg.expert_id, cfg.domain, cfg.model_path), cfg.metrics_port, cfg.host
@@ -68,6 +70,7 @@ async def serve(cfg: ExpertConfig, port: int, grace_s: float, mesh: MeshConfig |
         before_load=budget.make_room if budget else None,
         prepare=lambda: _warm_tokenizer(prompts),
         output=output,
+        ipc=ipc,
     )
     watch_expert(
         cfg.expert_id,
@@ -85,6 +88,7 @@ async def serve(cfg: ExpertConfig, port: int, grace_s: float, mesh: MeshConfig |
         log.error("expert %s cannot listen on %s:%d: %s", cfg.expert_id, cfg.host, port, e)
         telemetry.stop()
         output.close()
+        ipc.remove()
         return 1
     await server.start()
     log.info("expert %s listening on %s:%d (load: %s)", cfg.expert_id, cfg.host, bound, cfg.load)
@@ -106,6 +110,7 @@ async def serve(cfg: ExpertConfig, port: int, grace_s: float, mesh: MeshConfig |
         grace = DEAD_ENGINE_GRACE_S if life.state == FAILED else grace_s
         await server.stop(grace)
         await life.close(grace)
+        ipc.remove()
         telemetry.stop()  # export the last spans
         log.info("expert %s stopped", cfg.expert_id)
         output.close()
