@@ -13,7 +13,23 @@ if [ ! -x "$VENV/bin/python" ]; then
   "$PY" -c 'import sys; sys.exit(sys.version_info < (3, 11))' || { echo "expertmesh needs Python >= 3.11" >&2; exit 1; }
   "$PY" -m venv "$VENV"
 fi
+# A first install takes about 4.2 GiB (torch, vLLM), and pip unpacks in the temp dir as it goes.
+# Say so up front rather than leave pip to fail half-way with "[Errno 28] No space left on device".
+NEED_GIB=5
+need_disk() {
+  local free_kib
+  free_kib=$(df -Pk "$1" | awk 'NR==2 {print $4}')
+  if [ "$free_kib" -lt $((NEED_GIB * 1024 * 1024)) ]; then
+    echo "error: a first install into $VENV needs $NEED_GIB GiB free on $1; $((free_kib / 1024)) MiB free" >&2
+    exit 1
+  fi
+}
+
 if [ "$(cat "$VENV/.expertmesh-stamp" 2>/dev/null)" != "$(stamp)" ]; then
+  if [ ! -f "$VENV/.expertmesh-stamp" ]; then
+    need_disk "$VENV"
+    need_disk "${TMPDIR:-/tmp}"
+  fi
   echo "setting up $VENV (extras: $EXTRAS) ..." >&2
   "$VENV/bin/pip" install --quiet --upgrade pip >&2
   "$VENV/bin/pip" install --quiet -e "$ROOT[$EXTRAS]" >&2
