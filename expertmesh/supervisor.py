@@ -30,6 +30,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from expertmesh.config import MeshConfig
 from expertmesh.logs import log_tail
+from expertmesh.services.expert.ipc_dir import remove_left_by
 
 log = logging.getLogger(__name__)
 HEALTH_POLL_S = 0.25
@@ -262,6 +263,7 @@ def _kill_group(child: Child) -> None:
     if child.proc is not None:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(child.proc.pid, signal.SIGKILL)
+        remove_left_by(child.proc.pid)  # an expert killed (OOM, kill -9) could not remove it
     for proc in child.descendants.values():
         # psutil checks the process's start time, so a reused pid is never killed.
         with contextlib.suppress(psutil.Error):

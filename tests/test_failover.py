@@ -24,6 +24,7 @@ from expertmesh.config import MeshConfig, load_config
 from expertmesh.v1 import expertmesh_pb2 as pb
 from expertmesh.v1 import expertmesh_pb2_grpc as pb_grpc
 
+from .expert_support import ipc_dirs
 from .support import VENV_BIN, demo_expert, wait_serving, write_config
 
 pytestmark = pytest.mark.engine
@@ -157,6 +158,7 @@ async def test_kill_9_during_16_streams(mesh: Mesh) -> None:
         tasks = [asyncio.create_task(stream(i)) for i in range(16)]
         while sum(e.is_set() for e in first_token) < 4:
             await asyncio.sleep(0.01)
+        assert ipc_dirs(pid)  # where its engine's sockets are; kill -9 gives it no time to remove it
         os.kill(pid, signal.SIGKILL)
         killed_at = time.monotonic()
         killed.set()
@@ -175,3 +177,7 @@ async def test_kill_9_during_16_streams(mesh: Mesh) -> None:
         result = await client.complete("x", domain="code", max_tokens=2)
         assert result.expert_id == "general_tiny"
         print(f"kill -9 -> all 16 streams settled in {time.monotonic() - killed_at:.2f} s")
+    deadline = time.monotonic() + 10
+    while ipc_dirs(pid):  # the supervisor removes it when it sees the expert gone
+        assert time.monotonic() < deadline, ipc_dirs(pid)
+        await asyncio.sleep(0.1)

@@ -55,8 +55,11 @@ class Mesh:
 
 
 @pytest.fixture(scope="module")
-def reference(demo_models: list[Path]) -> Iterator[subprocess.Popen[str]]:
+def reference(
+    tmp_path_factory: pytest.TempPathFactory, demo_models: list[Path]
+) -> Iterator[subprocess.Popen[str]]:
     """AsyncLLM's own greedy text for PROMPT on the code model, computed while the mesh loads."""
+    ipc = tmp_path_factory.mktemp("reference-ipc")  # for the socket files vLLM leaves
     proc = subprocess.Popen(
         [
             sys.executable,
@@ -68,6 +71,7 @@ def reference(demo_models: list[Path]) -> Iterator[subprocess.Popen[str]]:
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         text=True,
+        env={**os.environ, "VLLM_RPC_BASE_PATH": str(ipc)},
     )
     yield proc
     proc.kill()

@@ -49,3 +49,12 @@ class IpcDir:
         """Remove the directory with whatever is in it (at process exit)."""
         if self.path is not None:
             shutil.rmtree(self.path, ignore_errors=True)
+
+
+def remove_left_by(pid: int) -> None:
+    """Remove the directory of process ``pid``, which ended without removing it (killed, say).
+
+    Its parent calls this: the child's temp dir is the parent's (inherited environment).
+    """
+    for path in Path(tempfile.gettempdir()).glob(f"{PREFIX}{pid}-*"):
+        shutil.rmtree(path, ignore_errors=True)
