@@ -7,7 +7,6 @@ import contextlib
 import os
 import signal
 import subprocess
-import tempfile
 import time
 from pathlib import Path
 
@@ -15,7 +14,6 @@ import grpc
 import psutil
 
 from expertmesh.cpus import vllm_role
-from expertmesh.services.expert.ipc_dir import PREFIX
 from expertmesh.v1 import expertmesh_pb2 as pb
 from expertmesh.v1 import expertmesh_pb2_grpc as pb_grpc
 
@@ -86,11 +84,6 @@ async def wait_state(address: str, state: int, timeout: float = 300) -> pb.InfoR
                 return last
         await asyncio.sleep(0.2)
     raise TimeoutError(f"{address} not {pb.ExpertState.Name(state)} after {timeout} s; last Info: {last}")  # type: ignore[arg-type]
-
-
-def ipc_dirs(pid: int) -> list[Path]:
-    """The directories process ``pid`` gave vLLM for its IPC socket files (at most one)."""
-    return sorted(Path(tempfile.gettempdir()).glob(f"{PREFIX}{pid}-*"))
 
 
 def thread_cores(proc: psutil.Process) -> frozenset[int]:

@@ -26,13 +26,13 @@ import psutil
 import pytest
 
 from expertmesh.config import MeshConfig, load_config
+from expertmesh.services.expert.ipc_dir import dirs_of as ipc_dirs
 from expertmesh.v1 import expertmesh_pb2 as pb
 from expertmesh.v1 import expertmesh_pb2_grpc as pb_grpc
 
 from .expert_support import (
     assert_off_worker_cores,
     info,
-    ipc_dirs,
     start_expert,
     stop_group,
     tree_rss,

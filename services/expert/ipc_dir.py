@@ -51,10 +51,13 @@ class IpcDir:
             shutil.rmtree(self.path, ignore_errors=True)
 
 
-def remove_left_by(pid: int) -> None:
-    """Remove the directory of process ``pid``, which ended without removing it (killed, say).
+def dirs_of(pid: int) -> list[Path]:
+    """The directories process ``pid`` claimed (at most one), as seen from a process that shares
+    its temp dir: its parent, whose environment it inherited."""
+    return sorted(Path(tempfile.gettempdir()).glob(f"{PREFIX}{pid}-*"))
 
-    Its parent calls this: the child's temp dir is the parent's (inherited environment).
-    """
-    for path in Path(tempfile.gettempdir()).glob(f"{PREFIX}{pid}-*"):
+
+def remove_left_by(pid: int) -> None:
+    """Remove the directory of process ``pid``, which ended without removing it (killed, say)."""
+    for path in dirs_of(pid):
         shutil.rmtree(path, ignore_errors=True)
