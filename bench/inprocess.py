@@ -65,6 +65,8 @@ async def _run_command(engine: Any, cmd: dict[str, Any]) -> dict[str, Any]:
     from vllm import SamplingParams
     from vllm.sampling_params import RequestOutputKind
 
+    from expertmesh.services.expert.request import engine_prompt
+
     prompts: list[str] = cmd["prompts"]
     # What an expert asks its engine for: only the new tokens and text of each step (DELTA).
     params = SamplingParams(
@@ -74,9 +76,12 @@ async def _run_command(engine: Any, cmd: dict[str, Any]) -> dict[str, Any]:
         output_kind=RequestOutputKind.DELTA,
     )
     run = uuid.uuid4().hex[:12]
+    tokenizer = engine.get_tokenizer()
 
     async def one(index: int, rec: Recorder) -> None:
-        async for out in engine.generate(prompts[index], params, f"{run}-{index}"):
+        # As an expert does: tokenize in the loop, hand the engine the rendered token input.
+        prompt = engine_prompt(tokenizer.encode(prompts[index]))
+        async for out in engine.generate(prompt, params, f"{run}-{index}"):
             n = len(out.outputs[0].token_ids)
             if n:
                 rec.tokens(n)

@@ -83,6 +83,18 @@ def fit_max_tokens(prompt_tokens: int, sampling: pb.SamplingParams, max_model_le
     return int(sampling.max_tokens)
 
 
+def engine_prompt(token_ids: list[int]) -> Any:
+    """The prompt as vLLM's rendered token input, which the engine takes as it is.
+
+    A plain ``{"prompt_token_ids": ...}`` dict is a raw prompt to vLLM: deprecated, and rendered
+    again in a thread pool, one thread hop per request (at 32 streams on two cores, 0.02-0.04
+    of the 0.3 cores this process used).
+    """
+    from vllm.inputs.engine import tokens_input
+
+    return tokens_input(token_ids)
+
+
 def sampling_params(kwargs: dict[str, Any], max_tokens: int) -> Any:
     """vLLM SamplingParams that stream only what is new (DELTA)."""
     from vllm import SamplingParams

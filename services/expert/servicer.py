@@ -19,7 +19,7 @@ from expertmesh.v1 import expertmesh_pb2_grpc as pb_grpc
 from .engine import tree_rss
 from .lifecycle import FAILED, READY, Lifecycle
 from .prompt import Prompts
-from .request import fit_max_tokens, sampling_kwargs, sampling_params
+from .request import engine_prompt, fit_max_tokens, sampling_kwargs, sampling_params
 from .stream import Chunker, stream_interval
 
 
@@ -98,7 +98,7 @@ class ExpertServicer(Multiplexed, pb_grpc.ExpertServicer):
             # Cancelling this handler (client cancel, deadline, shutdown) raises CancelledError
             # inside engine.generate, which aborts the engine request.
             stream = engine.generate(
-                {"prompt_token_ids": token_ids},
+                engine_prompt(token_ids),
                 params,
                 engine_request_id,
                 trace_headers=trace_headers(engine),
