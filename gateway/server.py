@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import signal
 from pathlib import Path
@@ -118,6 +119,10 @@ async def serve(
     pool.apply(config)
     watch_replicas(lambda: [(x.expert_id, x.address, x.health, x.ejection.ejected()) for x in pool.links()])
     servicer = GatewayServicer(await _router(config), pool)
+    # What the imports left (torch too, with the embeddings classifier) is skipped by every full
+    # collection from now on, which would otherwise walk it all with every stream stopped.
+    gc.collect()
+    gc.freeze()
     server = grpc.aio.server(options=SERVER_OPTIONS)
     pb_grpc.add_GatewayServicer_to_server(servicer, server)
     health = Health(server, [SERVICE])
@@ -141,5 +146,6 @@ async def serve(
         await server.stop(config.grace_period_s)
         await pool.close()
         telemetry.stop()  # export the last spans
+        gc.unfreeze()  # serve() may run inside a larger process (tests): leave its heap as found
         log.info("gateway stopped")
     return 0

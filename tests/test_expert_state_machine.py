@@ -7,11 +7,13 @@ transitions, the use counting and the failure texts are checked quickly and exac
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import subprocess
 import sys
 import textwrap
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +66,13 @@ def gate(monkeypatch: pytest.MonkeyPatch) -> threading.Event:
     return release
 
 
+@pytest.fixture(autouse=True)
+def _unfrozen() -> Iterator[None]:
+    """A load freezes this (the test) process's heap; leave it as the test found it."""
+    yield
+    gc.unfreeze()
+
+
 async def test_lazy_load_on_demand_then_unload(gate: threading.Event) -> None:
     life = Lifecycle(_cfg(load="lazy"))
     seen: list[int] = []
@@ -76,6 +85,8 @@ async def test_lazy_load_on_demand_then_unload(gate: threading.Event) -> None:
         gate.set()
         engine = await waiter
     assert life.state == READY and life.load_count == 1 and life.max_model_len == 512
+    # What the load left (torch, vLLM) is frozen, so that full collections skip it.
+    assert gc.get_freeze_count() > 0
     with life.use(), pytest.raises(MeshError) as err:
         life.request_unload("test")
     assert status_for(err.value) == (
@@ -86,6 +97,7 @@ async def test_lazy_load_on_demand_then_unload(gate: threading.Event) -> None:
     assert task is not None and life.state == lc.UNLOADING and life.engine is None
     await task
     assert (life.state, life.unload_reason, engine.shut_down) == (COLD, "test", True)
+    assert gc.get_freeze_count() == 0  # the old engine's cycles can be collected
     assert seen == [LOADING, READY, lc.UNLOADING, COLD]
 
 
