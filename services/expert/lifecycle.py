@@ -223,8 +223,8 @@ class Lifecycle:
         self._last_used = time.monotonic()  # the idle clock starts now
         log.info("expert %s loaded %s in %.1f s", self.cfg.expert_id, self.cfg.model_path, self.load_seconds)
         # torch and vLLM leave ~700 000 objects in this process. Every full collection walked
-        # them all and stopped every stream for 0.5-0.6 s (measured at 128 streams, about every
-        # 10 s); frozen, they are skipped and a full collection takes 5-10 ms. vLLM's own servers
+        # them all and stopped every stream for 0.5-0.6 s (measured at 128 streams, every 10-20
+        # s); frozen, they are skipped and a full collection takes 5-10 ms. vLLM's own servers
         # freeze their heap after start-up too.
         gc.collect()
         gc.freeze()
