@@ -26,6 +26,7 @@ import pytest
 from expertmesh import cpus
 from expertmesh.client import MeshClient, SyncMeshClient
 from expertmesh.config import MeshConfig, load_config
+from expertmesh.services.expert import ipc_dir
 from expertmesh.v1 import expertmesh_pb2 as pb
 from expertmesh.v1 import expertmesh_pb2_grpc as pb_grpc
 
@@ -71,7 +72,7 @@ def reference(
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         text=True,
-        env={**os.environ, "VLLM_RPC_BASE_PATH": str(ipc)},
+        env={**os.environ, ipc_dir.ENV: str(ipc)},
     )
     yield proc
     proc.kill()
