@@ -1,7 +1,7 @@
 """Benchmarks: the mesh against in-process vLLM and vLLM's own servers, side by side.
 
-``expertmesh bench [--quick] [--out DIR]`` measures, in one run, on the same tiny model with
-the same engine settings and the same load:
+``expertmesh bench [--quick] [--out DIR] [--trials N]`` measures, in one run, on the same tiny
+model with the same engine settings and the same load:
 
 - ``inprocess``: ``AsyncLLM.generate`` with no serving layer (the limit);
 - ``expert``: straight to one expert over gRPC;
@@ -19,7 +19,7 @@ from __future__ import annotations
 import platform
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import psutil
@@ -31,9 +31,10 @@ def _say(line: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] bench: {line}", file=sys.stderr, flush=True)
 
 
-def main_bench(quick: bool, out: Path) -> int:
+def main_bench(quick: bool, out: Path, trials: int | None = None) -> int:
     """Run every scenario, write ``out/results.json`` and ``out/results.png``, print the tables.
 
+    ``trials`` overrides the plan's trials per level (the best is reported).
     Returns 0 when every scenario was measured, 1 when any failed (its error is printed and
     stored under ``errors`` in the JSON). Speed targets are reported, never turned into failures.
     """
@@ -49,14 +50,17 @@ def main_bench(quick: bool, out: Path) -> int:
     out.mkdir(parents=True, exist_ok=True)
     settings = EngineSettings(model=str(default_model()))
     plan = LoadPlan.quick() if quick else LoadPlan.full()
+    if trials is not None:
+        plan = replace(plan, trials=trials)
     _say(
         f"{'quick' if quick else 'full'} run, {plan.max_tokens} output tokens per request, "
         f"requests per level {plan.requests}; output in {out}"
     )
     ipc = IpcDir.claim()  # every engine below, ours and vLLM's servers, leaves its sockets there
     try:
-        # A quick run starts the next engine while one is measured: half the wall time, noisier numbers.
-        results = run(run_groups(Context(settings, plan, out, _say), overlap=quick))
+        # A full run measures every scenario in turns; a quick one group after the other, the next
+        # engine starting while one is measured: half the wall time, noisier numbers.
+        results = run(run_groups(Context(settings, plan, out, _say), together=not quick))
     finally:
         ipc.remove()
     elapsed = time.monotonic() - started

@@ -17,6 +17,10 @@ from expertmesh.config import ExpertConfig
 CONCURRENCY = (1, 8, 32, 128)
 #: Scenario names, in the order they are run and reported.
 SCENARIOS = ("inprocess", "expert", "gateway", "relay", "vllm_grpc", "vllm_openai")
+#: Trials per level in a full run; the best is reported. A trial is 2-6 s, and on a shared
+#: two-core box one scenario's trials differ by up to 25 %: with two, a ratio of two scenarios
+#: moved by as much from run to run.
+FULL_TRIALS = 4
 #: The id and domain of the expert that the mesh scenarios start.
 EXPERT_ID = "bench"
 EXPERT_DOMAIN = "general"
@@ -103,8 +107,8 @@ class LoadPlan:
 
     @classmethod
     def full(cls) -> LoadPlan:
-        """The measurement: a few seconds of steady load per level, best of two trials."""
-        plan = cls.for_rounds({1: 16, 8: 16, 32: 12, 128: 8}, warmup_requests=64, trials=2)
+        """The measurement: a few seconds of steady load per level, best of ``FULL_TRIALS`` trials."""
+        plan = cls.for_rounds({1: 16, 8: 16, 32: 12, 128: 8}, warmup_requests=64, trials=FULL_TRIALS)
         return replace(plan, quiet_wait_s=10.0)
 
     @classmethod

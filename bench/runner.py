@@ -1,4 +1,10 @@
-"""Run the scenario groups in order, one at a time or overlapped (quick runs)."""
+"""Start the scenario groups, measure their scenarios in turns, stop them.
+
+A full run starts every group at once and takes every trial of every scenario in turn, so
+that all the ratios come from trials seconds apart (four engines, about 13 GiB). A quick run
+measures one group after the other and starts the next one while one is measured (at most
+three engines alive).
+"""
 
 from __future__ import annotations
 
@@ -8,51 +14,85 @@ import contextlib
 import grpc
 
 from .load import BenchError
-from .scenarios import Context, Group, MeshGroup, Results, VllmGrpcGroup, VllmOpenAIGroup
+from .scenarios import Context, Group, MeshGroup, Results, Turn, VllmGrpcGroup, VllmOpenAIGroup
 
 GROUPS: tuple[type[Group], ...] = (MeshGroup, VllmGrpcGroup, VllmOpenAIGroup)
 
 
-async def run_groups(ctx: Context, overlap: bool, groups: tuple[type[Group], ...] = GROUPS) -> Results:
-    """Run the groups in order; with ``overlap`` the next group starts while one is measured.
+async def run_groups(ctx: Context, together: bool, groups: tuple[type[Group], ...] = GROUPS) -> Results:
+    """Measure every group, all of them ``together`` (in turns) or one after the other.
 
-    A group that fails is recorded under ``errors`` for its scenarios and the others still run.
-    Every group that was started is stopped, whatever happens (cancellation included).
+    One after the other, the next group starts while one is measured. A group that fails is
+    recorded under ``errors`` for its scenarios and the others still run. Every group that was
+    started is stopped, whatever happens (cancellation included).
     """
     made = [g(ctx) for g in groups]
-    starts: dict[int, asyncio.Task[None]] = {}
-    stopped: set[int] = set()
-    ahead = 1 if overlap else 0
+    batches = [made] if together else [[g] for g in made]
+    starts: dict[Group, asyncio.Task[None]] = {}
+    stopped: set[Group] = set()
+    ahead = 0 if together else 1
 
-    def begin(i: int) -> None:
-        if i < len(made) and i not in starts:
-            starts[i] = asyncio.create_task(made[i].start())
+    def begin(index: int) -> None:
+        for group in batches[index] if index < len(batches) else ():
+            if group not in starts:
+                starts[group] = asyncio.create_task(group.start())
 
     try:
-        for i in range(ahead + 1):
-            begin(i)
-        for i, group in enumerate(made):
-            begin(i)
+        for index in range(ahead + 1):
+            begin(index)
+        for index, batch in enumerate(batches):
+            begin(index)
             try:
-                await starts[i]
-                await group.measure()
-            except Exception as e:  # one group's failure is reported; the others still run
-                message = _describe(e)
-                ctx.say(f"{'/'.join(group.names)} FAILED: {message}")
-                for name in group.names:
-                    ctx.results.errors[name] = message
+                ready = []
+                for group in batch:
+                    try:
+                        await starts[group]
+                    except Exception as e:  # one group's failure is reported; the others still run
+                        _fail(ctx, group, e)
+                    else:
+                        ready.append(group)
+                await take_turns(ctx, ready)
             finally:
-                stopped.add(i)
-                await group.stop()
-            begin(i + ahead + 1)
+                for group in batch:
+                    stopped.add(group)
+                    await group.stop()
+            begin(index + ahead + 1)
     finally:
-        for i, task in starts.items():
-            if i not in stopped:
+        for group, task in starts.items():
+            if group not in stopped:
                 task.cancel()
                 with contextlib.suppress(BaseException):
                     await task
-                await made[i].stop()
+                await group.stop()
     return ctx.results
+
+
+async def take_turns(ctx: Context, groups: list[Group]) -> None:
+    """Warm every group's scenarios up, then measure each (level, trial) in every scenario in turn."""
+    failed: set[Group] = set()
+    async with contextlib.AsyncExitStack() as stack:
+        turns: list[tuple[Group, Turn]] = []
+        for group in groups:
+            try:
+                turns += [(group, turn) for turn in await group.turns(stack)]
+            except Exception as e:
+                _fail(ctx, group, e)
+        for concurrency, _ in ctx.plan.levels():
+            for group, turn in turns:
+                if group in failed:
+                    continue
+                try:
+                    await turn.trial(concurrency)
+                except Exception as e:
+                    _fail(ctx, group, e)
+                    failed.add(group)
+
+
+def _fail(ctx: Context, group: Group, e: Exception) -> None:
+    message = _describe(e)
+    ctx.say(f"{'/'.join(group.names)} FAILED: {message}")
+    for name in group.names:
+        ctx.results.errors[name] = message
 
 
 def _describe(e: BaseException) -> str:

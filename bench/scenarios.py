@@ -1,30 +1,30 @@
-"""The scenario groups: each starts its servers, measures, and stops them.
+"""The scenario groups: each starts its servers, hands out one turn per scenario, and stops.
 
 - ``inprocess``, ``expert``, ``gateway`` and ``relay``: AsyncLLM in a child process
   (:mod:`bench.inprocess`) and one expert process with the same engine settings, with the
-  gateway and a bare relay (:mod:`bench.relay`) in front of the expert; both engines stay up
-  and every trial at every concurrency level is measured in-process, then straight to the
-  expert, then through the gateway, then through the relay, so that the ratios the targets are
-  stated in come from trials seconds apart (the speed of a shared machine drifts by tens of
-  percent over minutes; an idle vLLM engine uses about 0.01 cores);
+  gateway and a bare relay (:mod:`bench.relay`) in front of the expert;
 - ``vllm_grpc``: vLLM's gRPC server (``vllm.grpc.engine.VllmEngine``);
 - ``vllm_openai``: vLLM's OpenAI-compatible HTTP server, streaming.
 
-A full run measures one group at a time with nothing else of its own alive. A quick run
-starts the next group's engine while the current one is measured (never more than three
-engines), which halves its wall time at the cost of noisier numbers. Every scenario gets the
-same untimed warm-up before it is measured.
+A turn is one trial of one scenario at one concurrency level. A full run starts every group and
+measures every trial at every level in every scenario in turn (:mod:`bench.runner`), so that
+the ratios the targets are stated in come from trials seconds apart: the speed of a shared
+machine drifts by tens of percent over minutes, and an idle vLLM engine uses about 0.01
+cores. A quick run measures one group after the other and starts the next group's engine
+while one is measured (never more than three engines), which halves its wall time at the cost
+of noisier numbers. Every scenario gets the same untimed warm-up before it is measured.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import os
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -77,6 +77,14 @@ class Results:
         return row
 
 
+@dataclass(frozen=True)
+class Turn:
+    """One scenario of a group: ``trial(concurrency)`` measures one trial and records it."""
+
+    name: str
+    trial: Callable[[int], Awaitable[None]]
+
+
 @dataclass
 class Context:
     """What every group shares: settings, plan, where logs go, how to report."""
@@ -122,6 +130,10 @@ class Context:
             result = await run_load(one, concurrency, self.plan.requests[concurrency], self.plan.max_tokens)
         self.record(scenario, result, sampler)
 
+    def turn(self, scenario: str, one: OneRequest, roots: dict[str, int]) -> Turn:
+        """The turn of a scenario whose load is generated here by ``one``."""
+        return Turn(scenario, functools.partial(self.measure, scenario, one, roots))
+
     def record(self, scenario: str, result: LoadResult, sampler: ProcessSampler) -> None:
         """Store one trial and print a progress line with where the CPU went."""
         row = self.results.add(scenario, result, sampler)
@@ -134,7 +146,7 @@ class Context:
 
 
 class Group(ABC):
-    """Scenarios that share servers: started once, measured, stopped."""
+    """Scenarios that share servers: started once, measured in turns, stopped."""
 
     names: tuple[str, ...] = ()
 
@@ -146,8 +158,8 @@ class Group(ABC):
         """Start the servers and wait until they are ready."""
 
     @abstractmethod
-    async def measure(self) -> None:
-        """Warm up, then measure every trial at every concurrency level."""
+    async def turns(self, stack: contextlib.AsyncExitStack) -> list[Turn]:
+        """Open what the trials share (channels, sessions) on ``stack``, warm up, give the turns."""
 
     @abstractmethod
     async def stop(self) -> None:
@@ -238,8 +250,8 @@ class MeshGroup(Group):
             )
         ctx.record("inprocess", result, sampler)
 
-    async def measure(self) -> None:
-        """One channel per hop, shared by all its streams; the four take turns at each level."""
+    async def turns(self, stack: contextlib.AsyncExitStack) -> list[Turn]:
+        """In-process, then one channel per hop, shared by all its streams."""
         ctx, plan = self.ctx, self.ctx.plan
         assert self.expert is not None and self.gateway is not None and self.relay is not None
         expert_pid = self.expert.pid
@@ -254,17 +266,14 @@ class MeshGroup(Group):
             ("relay", self.relay_addr, pb_grpc.GatewayStub, {"relay": self.relay.pid, "expert": expert_pid}),
         )
         await self._inprocess_warm_up()
-        async with contextlib.AsyncExitStack() as stack:
-            calls = {}
-            for name, address, stub, _ in hops:
-                channel = await stack.enter_async_context(grpc.aio.insecure_channel(address))
-                calls[name] = stub(channel).Generate
-                await ctx.warm_up(mesh_client(calls[name], mesh_requests(plan, plan.warmup_max_tokens)))
-            requests = mesh_requests(plan, plan.max_tokens)
-            for c, _ in plan.levels():
-                await self._inprocess_trial(c)
-                for name, _, _, roots in hops:
-                    await ctx.measure(name, mesh_client(calls[name], requests), roots, c)
+        turns = [Turn("inprocess", self._inprocess_trial)]
+        requests = mesh_requests(plan, plan.max_tokens)
+        for name, address, stub, roots in hops:
+            channel = await stack.enter_async_context(grpc.aio.insecure_channel(address))
+            generate = stub(channel).Generate
+            await ctx.warm_up(mesh_client(generate, mesh_requests(plan, plan.warmup_max_tokens)))
+            turns.append(ctx.turn(name, mesh_client(generate, requests), roots))
+        return turns
 
     async def stop(self) -> None:
         """Stop the relay and the gateway, then the expert, and the in-process engine."""
@@ -319,18 +328,22 @@ class VllmGrpcGroup(VllmServerGroup):
         server = await self._launch()
         self.ctx.started("vllm_grpc", await server.wait_grpc_health(f"{HOST}:{self.port}"))
 
-    async def measure(self) -> None:
+    async def turns(self, stack: contextlib.AsyncExitStack) -> list[Turn]:
         """One channel shared by every stream."""
         from smg_grpc_proto import vllm_engine_pb2_grpc as vpb_grpc
 
         ctx, plan = self.ctx, self.ctx.plan
-        async with grpc.aio.insecure_channel(f"{HOST}:{self.port}") as channel:
-            stub = vpb_grpc.VllmEngineStub(channel)
-            await ctx.warm_up(vllm_grpc_client(stub, plan, plan.warmup_max_tokens))
-            assert self.server is not None
-            for c, _ in plan.levels():
-                one = vllm_grpc_client(stub, plan, plan.max_tokens)
-                await ctx.measure("vllm_grpc", one, {"vllm_grpc": self.server.pid}, c)
+        channel = await stack.enter_async_context(grpc.aio.insecure_channel(f"{HOST}:{self.port}"))
+        stub = vpb_grpc.VllmEngineStub(channel)
+        await ctx.warm_up(vllm_grpc_client(stub, plan, plan.warmup_max_tokens))
+        assert self.server is not None
+        roots = {"vllm_grpc": self.server.pid}
+
+        async def trial(concurrency: int) -> None:
+            # A new client per trial: its engine request ids are new too (they must be unique).
+            await ctx.measure("vllm_grpc", vllm_grpc_client(stub, plan, plan.max_tokens), roots, concurrency)
+
+        return [Turn("vllm_grpc", trial)]
 
 
 class VllmOpenAIGroup(VllmServerGroup):
@@ -350,17 +363,17 @@ class VllmOpenAIGroup(VllmServerGroup):
         server = await self._launch()
         self.ctx.started("vllm_openai", await server.wait_http_health(f"{self.base}/health"))
 
-    async def measure(self) -> None:
+    async def turns(self, stack: contextlib.AsyncExitStack) -> list[Turn]:
         """One aiohttp session (keep-alive connections, no limit) shared by every stream."""
         import aiohttp
 
         ctx, plan, model = self.ctx, self.ctx.plan, self.ctx.settings.model
-        connector = aiohttp.TCPConnector(limit=0)
-        async with aiohttp.ClientSession(
-            connector=connector, timeout=aiohttp.ClientTimeout(total=None)
-        ) as session:
-            await ctx.warm_up(openai_client(session, self.base, model, plan, plan.warmup_max_tokens))
-            one = openai_client(session, self.base, model, plan, plan.max_tokens)
-            assert self.server is not None
-            for c, _ in plan.levels():
-                await ctx.measure("vllm_openai", one, {"vllm_openai": self.server.pid}, c)
+        session = await stack.enter_async_context(
+            aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=0), timeout=aiohttp.ClientTimeout(total=None)
+            )
+        )
+        await ctx.warm_up(openai_client(session, self.base, model, plan, plan.warmup_max_tokens))
+        one = openai_client(session, self.base, model, plan, plan.max_tokens)
+        assert self.server is not None
+        return [ctx.turn("vllm_openai", one, {"vllm_openai": self.server.pid})]

@@ -124,6 +124,13 @@ async def _demo(config: MeshConfig, config_path: Path, log_dir: Path) -> int:
     return 0
 
 
+def _positive(text: str) -> int:
+    """argparse type: a whole number >= 1."""
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    return int(text)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="expertmesh", description="A gRPC mesh of vLLM experts.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -168,6 +175,9 @@ def _parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="benchmark the mesh against in-process vLLM and vLLM's servers")
     bench.add_argument("--quick", action="store_true", help="a few requests per scenario (smoke size)")
     bench.add_argument("--out", default="bench-results", help="folder for results.json and results.png")
+    bench.add_argument(
+        "--trials", type=_positive, help="trials per level, the best reported (default: 4, --quick 1)"
+    )
 
     build = sub.add_parser("build-demo-models", help="build the tiny demo models into .models/")
     build.add_argument("--out", help="folder (default: .models/ at the repository root)")
@@ -202,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "bench":
             from expertmesh.bench import main_bench
 
-            return main_bench(quick=args.quick, out=Path(args.out))
+            return main_bench(quick=args.quick, out=Path(args.out), trials=args.trials)
         if args.command == "build-demo-models":
             from expertmesh.demo_models import DEFAULT_MODELS_DIR, ensure_demo_models
 

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import json
 import math
 import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
+from typing import ClassVar
 
 import grpc
 import psutil
@@ -17,9 +21,11 @@ import pytest
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from expertmesh.bench.load import BenchError, Recorder, percentile, run_load
-from expertmesh.bench.plan import CONCURRENCY, SCENARIOS, LoadPlan
+from expertmesh.bench.plan import CONCURRENCY, SCENARIOS, EngineSettings, LoadPlan
 from expertmesh.bench.procs import Server, wait_for_quiet
 from expertmesh.bench.report import check_targets, plot, write_json
+from expertmesh.bench.runner import run_groups
+from expertmesh.bench.scenarios import Context, Group, Turn
 from expertmesh.services.expert.ipc_dir import PREFIX
 
 METRICS = ("tok_s", "ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms", "itl_p99_ms", "peak_rss_mib")
@@ -80,6 +86,62 @@ def test_quick_plan_keeps_every_concurrency_level() -> None:
     assert plan.concurrency == list(CONCURRENCY)
     assert all(plan.requests[c] >= c for c in CONCURRENCY)
     assert len(set(plan.prompts)) == len(plan.prompts) >= max(plan.requests.values())
+
+
+class _FakeGroup(Group):
+    """Records what the runner does with it; ``fail`` names the step that raises."""
+
+    fail = ""
+    log: ClassVar[list[str]] = []
+
+    async def start(self) -> None:
+        self.log.append(f"start {self.names[0]}")
+        await asyncio.sleep(0)
+        if self.fail == "start":
+            raise BenchError(f"{self.names[0]} would not start")
+
+    async def turns(self, stack: contextlib.AsyncExitStack) -> list[Turn]:
+        async def trial(name: str, concurrency: int) -> None:
+            await asyncio.sleep(0)  # a trial awaits its streams
+            if self.fail == "trial" and concurrency == 32:
+                raise BenchError(f"{name} died at 32 streams")
+            self.log.append(f"{name} {concurrency}")
+
+        return [Turn(name, functools.partial(trial, name)) for name in self.names]
+
+    async def stop(self) -> None:
+        self.log.append(f"stop {self.names[0]}")
+
+
+def _fake_groups(fail: dict[str, str]) -> tuple[type[Group], ...]:
+    names = (("a1", "a2"), ("b",), ("c",))
+    return tuple(type(f"G{n[0]}", (_FakeGroup,), {"names": n, "fail": fail.get(n[0], "")}) for n in names)
+
+
+async def test_a_full_run_measures_every_scenario_in_turns(tmp_path: Path) -> None:
+    plan = replace(LoadPlan.for_rounds({1: 1, 32: 1}, warmup_requests=1, trials=2), quiet_wait_s=0)
+    ctx = Context(EngineSettings(model="m"), plan, tmp_path, say=lambda line: None)
+    log: list[str] = []
+    _FakeGroup.log = log
+    await run_groups(ctx, together=True, groups=_fake_groups({"b": "start", "c": "trial"}))
+    # Every group starts before any is measured; every trial goes round every scenario.
+    assert log[:3] == ["start a1", "start b", "start c"]
+    assert log[3:-3] == ["a1 1", "a2 1", "c 1"] * 2 + ["a1 32", "a2 32"] * 2
+    assert sorted(log[-3:]) == ["stop a1", "stop b", "stop c"]
+    assert ctx.results.errors == {"b": "b would not start", "c": "c died at 32 streams"}
+
+
+async def test_a_quick_run_measures_one_group_after_the_other(tmp_path: Path) -> None:
+    plan = LoadPlan.for_rounds({1: 1}, warmup_requests=1, trials=1)
+    ctx = Context(EngineSettings(model="m"), plan, tmp_path, say=lambda line: None)
+    log: list[str] = []
+    _FakeGroup.log = log
+    await run_groups(ctx, together=False, groups=_fake_groups({}))
+    # One group after the other; the next one starts while one is measured, not earlier.
+    assert [line for line in log if not line.startswith(("start", "stop"))] == ["a1 1", "a2 1", "b 1", "c 1"]
+    assert log.index("start b") < log.index("a1 1")
+    assert log.index("stop a1") < log.index("start c") < log.index("b 1")
+    assert ctx.results.errors == {}
 
 
 def test_report_writes_json_targets_and_png(tmp_path: Path) -> None:
