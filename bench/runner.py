@@ -84,12 +84,12 @@ async def take_turns(ctx: Context, groups: list[Group]) -> None:
                 try:
                     await turn.trial(concurrency)
                 except Exception as e:
-                    _fail(ctx, group, e)
+                    _fail(ctx, group, e, f" in {turn.name} at {concurrency} streams")
                     failed.add(group)
 
 
-def _fail(ctx: Context, group: Group, e: Exception) -> None:
-    message = _describe(e)
+def _fail(ctx: Context, group: Group, e: Exception, where: str = "") -> None:
+    message = _describe(e) + where
     ctx.say(f"{'/'.join(group.names)} FAILED: {message}")
     for name in group.names:
         ctx.results.errors[name] = message

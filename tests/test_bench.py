@@ -104,7 +104,7 @@ class _FakeGroup(Group):
         async def trial(name: str, concurrency: int) -> None:
             await asyncio.sleep(0)  # a trial awaits its streams
             if self.fail == "trial" and concurrency == 32:
-                raise BenchError(f"{name} died at 32 streams")
+                raise BenchError("the server went away")
             self.log.append(f"{name} {concurrency}")
 
         return [Turn(name, functools.partial(trial, name)) for name in self.names]
@@ -128,7 +128,7 @@ async def test_a_full_run_measures_every_scenario_in_turns(tmp_path: Path) -> No
     assert log[:3] == ["start a1", "start b", "start c"]
     assert log[3:-3] == ["a1 1", "a2 1", "c 1"] * 2 + ["a1 32", "a2 32"] * 2
     assert sorted(log[-3:]) == ["stop a1", "stop b", "stop c"]
-    assert ctx.results.errors == {"b": "b would not start", "c": "c died at 32 streams"}
+    assert ctx.results.errors == {"b": "b would not start", "c": "the server went away in c at 32 streams"}
 
 
 async def test_a_quick_run_measures_one_group_after_the_other(tmp_path: Path) -> None:
