@@ -1,7 +1,7 @@
 """Start the scenario groups, measure their scenarios in turns, stop them.
 
 A full run starts every group at once and takes every trial of every scenario in turn, so
-that all the ratios come from trials seconds apart (four engines, about 13 GiB). A quick run
+that all the ratios come from trials seconds apart (four engines, 11 GiB in use). A quick run
 measures one group after the other and starts the next one while one is measured (at most
 three engines alive).
 """
