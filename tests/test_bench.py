@@ -245,7 +245,9 @@ async def test_wait_for_quiet_waits_for_our_own_busy_processes() -> None:
 def _ipc_leftovers() -> set[Path]:
     """Socket files in the temp dir (what vLLM's engines leave) and IPC directories of ours."""
     tmp = Path(tempfile.gettempdir())
-    return {p for p in tmp.iterdir() if p.is_socket()} | set(tmp.glob(f"{PREFIX}*"))
+    # vLLM's sockets, our IPC dirs, and the files of vLLM's torch rendezvous stores.
+    sockets = {p for p in tmp.iterdir() if p.is_socket()}
+    return sockets | set(tmp.glob(f"{PREFIX}*")) | set(tmp.glob("vllm_dist_*"))
 
 
 @pytest.mark.engine

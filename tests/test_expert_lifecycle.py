@@ -161,7 +161,9 @@ async def test_idle_unload_frees_memory_and_the_next_request_reloads(experts: Ex
     [ipc] = ipc_dirs(pid)
     assert list(ipc.iterdir()) == []  # the sockets the engine's processes left went with them
     messages = await _generate(address, "Again", max_tokens=4)
-    assert list(ipc.iterdir())  # the new engine's sockets are there, not in the temp dir
+    left = [p.name for p in ipc.iterdir()]
+    assert left  # the new engine's sockets are there, not in the temp dir, and so is the file
+    assert any(name.startswith("vllm_dist_") for name in left)  # of its torch rendezvous store
     assert messages[0].load_wait_seconds > 1
     again = await info(address)
     assert (again.state, again.load_count) == (pb.EXPERT_STATE_READY, 2)

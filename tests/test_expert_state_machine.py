@@ -11,6 +11,7 @@ import gc
 import os
 import subprocess
 import sys
+import tempfile
 import textwrap
 import threading
 from collections.abc import Iterator
@@ -117,11 +118,15 @@ async def test_an_unload_clears_the_sockets_the_engine_left(gate: threading.Even
 
 def test_ipc_dir_is_claimed_once_and_never_over_the_operators_choice(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv(ipc_dir.ENV, raising=False)
+    monkeypatch.setenv(ipc_dir.TMPDIR, tempfile.gettempdir())  # restored after the test
+    own_tmp = tempfile.gettempdir()
     ours = IpcDir.claim()
     try:
         assert ours.path is not None and ours.path.is_dir()
         assert ours.path.name.startswith(f"{ipc_dir.PREFIX}{os.getpid()}-")
         assert os.environ[ipc_dir.ENV] == str(ours.path)  # read by vLLM, inherited by its processes
+        assert os.environ[ipc_dir.TMPDIR] == str(ours.path)  # the engine processes' temp dir ...
+        assert tempfile.gettempdir() == own_tmp  # ... not this process's
         again = IpcDir.claim()  # set now, as an operator's setting would be: left alone
         assert again.path is None
         again.clear()

