@@ -20,6 +20,7 @@ import grpc
 
 from expertmesh import cpus
 from expertmesh.config import ConfigError, MeshConfig, load_config
+from expertmesh.loop import freeze_heap
 from expertmesh.rpc import SERVER_OPTIONS, Health, bind, stop_event_on_signals
 from expertmesh.telemetry import Identity, start_telemetry, watch_replicas
 from expertmesh.v1 import expertmesh_pb2 as pb
@@ -119,10 +120,7 @@ async def serve(
     pool.apply(config)
     watch_replicas(lambda: [(x.expert_id, x.address, x.health, x.ejection.ejected()) for x in pool.links()])
     servicer = GatewayServicer(await _router(config), pool)
-    # What the imports left (torch too, with the embeddings classifier) is skipped by every full
-    # collection from now on, which would otherwise walk it all with every stream stopped.
-    gc.collect()
-    gc.freeze()
+    freeze_heap()  # what start-up left (torch too, with the embeddings classifier)
     server = grpc.aio.server(options=SERVER_OPTIONS)
     pb_grpc.add_GatewayServicer_to_server(servicer, server)
     health = Health(server, [SERVICE])

@@ -28,6 +28,7 @@ import psutil
 from expertmesh import cpus
 from expertmesh.config import ExpertConfig
 from expertmesh.errors import FailedPrecondition, Unavailable
+from expertmesh.loop import freeze_heap
 from expertmesh.telemetry import traced_load
 from expertmesh.v1 import expertmesh_pb2 as pb
 
@@ -222,12 +223,7 @@ class Lifecycle:
         self.load_growth_bytes = max(tree_rss() - rss_before, 0)
         self._last_used = time.monotonic()  # the idle clock starts now
         log.info("expert %s loaded %s in %.1f s", self.cfg.expert_id, self.cfg.model_path, self.load_seconds)
-        # torch and vLLM leave ~700 000 objects in this process. Every full collection walked
-        # them all and stopped every stream for 0.5-0.6 s (measured at 128 streams, every 10-20
-        # s); frozen, they are skipped and a full collection takes 5-10 ms. vLLM's own servers
-        # freeze their heap after start-up too.
-        gc.collect()
-        gc.freeze()
+        freeze_heap()  # what the load left is skipped by every later full collection
         self._set(READY)
 
     @traced_load
