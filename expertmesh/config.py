@@ -95,6 +95,15 @@ class ExpertConfig(_Strict):
         default=True,
         description="Run the server and vLLM's engine core on the cores vLLM's CPU workers leave free.",
     )
+    stall_timeout_s: float | None = Field(
+        default=60.0,
+        gt=0,
+        description="Engine watchdog: requests waiting and no engine output for this long -> the expert "
+        "reports NOT_SERVING, ends them UNAVAILABLE and exits to be restarted; None = off.",
+    )
+    max_streams_per_link: int = Field(
+        default=2048, gt=0, description="Streams one gateway may open at once on one multiplexed call."
+    )
 
     @field_validator("stream_interval", mode="before")
     @classmethod
@@ -154,6 +163,23 @@ class RoutingConfig(_Strict):
         default="wait", description="A lazy expert that is not loaded: wait for it, or serve from a fallback."
     )
     load_wait_s: float = Field(default=300.0, gt=0, description="How long to wait for a lazy expert to load.")
+    first_token_timeout_s: float | None = Field(
+        default=30.0,
+        gt=0,
+        description="Per attempt at a loaded engine: no first message after this long -> the next candidate.",
+    )
+    eject_max_s: float = Field(
+        default=300.0, gt=0, description="Longest ejection (Envoy's max_ejection_time)."
+    )
+    eject_decay_s: float = Field(
+        default=60.0, gt=0, description="Each such stretch without an ejection forgets one past ejection."
+    )
+    max_ejection_percent: float = Field(
+        default=50.0, ge=0, le=100, description="At most this share of an expert's replicas ejected at once."
+    )
+    classify_budget_ms: float = Field(
+        default=20.0, gt=0, description="Time classification may take; then the default domain, with why."
+    )
 
 
 class GatewayConfig(_Strict):
@@ -167,6 +193,54 @@ class GatewayConfig(_Strict):
     reserved_cores: bool = Field(
         default=True, description="Run on the cores vLLM's CPU workers on this host leave free."
     )
+    max_concurrent_streams: int = Field(
+        default=1024,
+        gt=0,
+        description="Generate streams the gateway serves at once; more: RESOURCE_EXHAUSTED.",
+    )
+    max_streams_per_peer: int = Field(
+        default=256, gt=0, description="Generate streams one client address may have open at once."
+    )
+
+
+MIB = 1024 * 1024
+
+
+class LimitsConfig(_Strict):
+    """Sizes every server, channel and request is held to (gateway and experts alike)."""
+
+    max_message_bytes: int = Field(
+        default=4 * MIB, ge=64 * 1024, description="gRPC receive and send limit of every server and channel."
+    )
+    link_batch_bytes: int = Field(
+        default=MIB,
+        ge=16 * 1024,
+        description="A batch of frames on the gateway-expert link stops growing here.",
+    )
+    max_request_bytes: int = Field(
+        default=MIB, ge=1024, description="A GenerateRequest larger than this (serialized) is refused."
+    )
+    max_messages: int = Field(default=256, gt=0, description="Chat turns per request.")
+    stream_buffer_messages: int = Field(
+        default=512,
+        ge=128,  # one batch from the expert may carry 128 frames of one stream
+        description="Messages the gateway holds for one caller that does not read; then RESOURCE_EXHAUSTED.",
+    )
+
+    @model_validator(mode="after")
+    def _fits(self) -> LimitsConfig:
+        # A request travels inside one link message: it must fit with room for the frame around it.
+        if self.max_request_bytes + 64 * 1024 > self.max_message_bytes:
+            raise ValueError(
+                f"max_request_bytes ({self.max_request_bytes}) must be at least 64 KiB below "
+                f"max_message_bytes ({self.max_message_bytes})"
+            )
+        if self.link_batch_bytes > self.max_message_bytes:
+            raise ValueError(
+                f"link_batch_bytes ({self.link_batch_bytes}) must not exceed "
+                f"max_message_bytes ({self.max_message_bytes})"
+            )
+        return self
 
 
 class MeshConfig(_Strict):
@@ -189,6 +263,13 @@ class MeshConfig(_Strict):
         description="Resident memory of all experts of this host together; an on-demand load that "
         "would exceed it first unloads the least recently used idle expert.",
     )
+    unresponsive_restart_s: float | None = Field(
+        default=30.0,
+        gt=0,
+        description="Supervisor: a child that served and then answers no health check for this long is "
+        "killed and restarted; None = off.",
+    )
+    limits: LimitsConfig = LimitsConfig()
     routing: RoutingConfig = RoutingConfig()
     experts: list[ExpertConfig] = Field(min_length=1)
 
@@ -291,7 +372,11 @@ def _closest(key: str, choices: list[str]) -> str:
     return f" (did you mean {match[0]!r}?)" if match else ""
 
 
-_SECTIONS: dict[str, type[BaseModel]] = {"gateway": GatewayConfig, "routing": RoutingConfig}
+_SECTIONS: dict[str, type[BaseModel]] = {
+    "gateway": GatewayConfig,
+    "routing": RoutingConfig,
+    "limits": LimitsConfig,
+}
 _SUBSECTIONS: dict[str, type[BaseModel]] = {"domains": DomainRules}
 
 

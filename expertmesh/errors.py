@@ -20,16 +20,40 @@ import grpc
 log = logging.getLogger(__name__)
 
 
+#: Trailing metadata: why a request was refused, when the gateway should act on it.
+REASON_KEY = "expertmesh-reason"
+#: gRPC's retry pushback (A6): how long a client should wait before it retries.
+PUSHBACK_KEY = "grpc-retry-pushback-ms"
+#: REASON_KEY of a refusal that is this expert's, not the request's: another expert may serve it.
+EXPERT_LIMIT = "expert-limit"
+OVERLOADED = "overloaded"
+PUSHBACK_MS = 1000
+
+
 class MeshError(Exception):
     """Base of expertmesh's own errors; ``code`` is the gRPC status it maps to."""
 
     code = grpc.StatusCode.INTERNAL
+    #: sent as trailing metadata with the status (see :func:`trailers_for`)
+    trailers: tuple[tuple[str, str], ...] = ()
 
 
 class InvalidRequest(MeshError):
     """A request field is missing, malformed or out of range."""
 
     code = grpc.StatusCode.INVALID_ARGUMENT
+
+
+class ExpertLimit(InvalidRequest):
+    """The request is valid, but this expert cannot serve it (context too small, chat template)."""
+
+    trailers = ((REASON_KEY, EXPERT_LIMIT),)
+
+
+class DeadlineExceeded(MeshError):
+    """The caller's deadline passed."""
+
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
 
 
 class NotFound(MeshError):
@@ -45,9 +69,10 @@ class Unavailable(MeshError):
 
 
 class ResourceExhausted(MeshError):
-    """A queue or memory limit was hit."""
+    """A queue or memory limit was hit; the caller is told when to retry."""
 
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    trailers = ((REASON_KEY, OVERLOADED), (PUSHBACK_KEY, str(PUSHBACK_MS)))
 
 
 class FailedPrecondition(MeshError):
@@ -97,6 +122,16 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     return grpc.StatusCode.INTERNAL, f"unexpected {type(exc).__name__}: {exc}"
 
 
+def trailers_for(exc: BaseException) -> tuple[tuple[str, str], ...]:
+    """The trailing metadata that goes with ``exc``'s status (a full queue: retry pushback)."""
+    if isinstance(exc, MeshError):
+        return exc.trailers
+    code, _ = status_for(exc)
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+        return ResourceExhausted.trailers
+    return ()
+
+
 F = TypeVar("F", bound=Callable[..., Any])
 
 
@@ -107,6 +142,9 @@ def grpc_errors(handler: F) -> F:
         code, message = status_for(exc)
         if code == grpc.StatusCode.INTERNAL:
             log.exception("unexpected error in %s", handler.__qualname__)
+        trailers = trailers_for(exc)
+        if trailers:
+            context.set_trailing_metadata(trailers)
         await context.abort(code, message)
 
     if inspect.isasyncgenfunction(handler):

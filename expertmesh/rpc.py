@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -28,15 +30,75 @@ CHANNEL_OPTIONS = [
     ("grpc.http2.max_pings_without_data", 0),
 ]
 
+#: Ends the health Watch streams this long after shutdown set them NOT_SERVING: enough for that
+#: last status to go out, so a server's stop never waits its whole grace period for watchers.
+WATCH_FLUSH_S = 0.1
+
+
+def _size_options(max_message_bytes: int) -> list[tuple[str, int]]:
+    return [
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.max_send_message_length", max_message_bytes),
+    ]
+
+
+def server_options(max_message_bytes: int) -> list[tuple[str, Any]]:
+    """Every expertmesh server's options: keepalive as above, message sizes set explicitly."""
+    return [*SERVER_OPTIONS, *_size_options(max_message_bytes)]
+
+
+def channel_options(max_message_bytes: int, keepalive: bool = True) -> list[tuple[str, Any]]:
+    """A channel's options: message sizes set explicitly; the gateway's keepalive pings if asked."""
+    return [*(CHANNEL_OPTIONS if keepalive else []), *_size_options(max_message_bytes)]
+
+
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+class _HealthServicer(health.aio.HealthServicer):  # type: ignore[misc]
+    """grpc's health servicer, whose Watch streams end once the server shuts down.
+
+    grpc's own keeps them open forever, so a server's stop always waited its whole grace
+    period for the gateway's (and any prober's) watchers.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._watches: set[asyncio.Future[Any]] = set()
+        self._closing = False
+
+    async def Watch(self, request: health_pb2.HealthCheckRequest, context: Any) -> None:
+        if self._closing:  # a watcher arriving during shutdown gets the status and the end
+            await context.write(health_pb2.HealthCheckResponse(status=NOT_SERVING))
+            return
+        watch = asyncio.ensure_future(super().Watch(request, context))
+        self._watches.add(watch)
+        try:
+            await asyncio.shield(watch)
+        except asyncio.CancelledError:
+            watch.cancel()
+            if not self._closing or not watch.cancelled():
+                raise
+        finally:
+            self._watches.discard(watch)
+
+    async def close(self) -> None:
+        """NOT_SERVING for every service, then end every Watch stream."""
+        await self.enter_graceful_shutdown()
+        self._closing = True
+        await asyncio.sleep(WATCH_FLUSH_S)
+        for watch in list(self._watches):
+            watch.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.gather(*self._watches, return_exceptions=True)
 
 
 class Health:
     """grpc.health.v1 for one server: the overall status ("") and each named service."""
 
     def __init__(self, server: grpc.aio.Server, services: list[str]) -> None:
-        self.servicer = health.aio.HealthServicer()
+        self.servicer = _HealthServicer()
         self.services = ["", *services]
         health_pb2_grpc.add_HealthServicer_to_server(self.servicer, server)
         reflection.enable_server_reflection(
@@ -48,6 +110,10 @@ class Health:
         """Report SERVING or NOT_SERVING for every service of this server."""
         for name in self.services:
             await self.servicer.set(name, SERVING if serving else NOT_SERVING)
+
+    async def close(self) -> None:
+        """Shutting down: NOT_SERVING from now on, and every Watch stream ends."""
+        await self.servicer.close()
 
 
 def stop_event_on_signals() -> asyncio.Event:

@@ -1,4 +1,4 @@
-"""Unit tests of the expert's request checks: sampling fields, context fit, prompt rendering."""
+"""Unit tests of the request checks (gateway and expert): limits, sampling fields, context fit, rendering."""
 
 from __future__ import annotations
 
@@ -8,10 +8,12 @@ from pathlib import Path
 import grpc
 import pytest
 
-from expertmesh.errors import MeshError, status_for
+from expertmesh.config import LimitsConfig
+from expertmesh.errors import EXPERT_LIMIT, REASON_KEY, MeshError, status_for, trailers_for
 from expertmesh.services.expert.prompt import render
-from expertmesh.services.expert.request import fit_max_tokens, sampling_kwargs, sampling_params
+from expertmesh.services.expert.request import fit_max_tokens, sampling_params
 from expertmesh.v1 import expertmesh_pb2 as pb
+from expertmesh.validation import check_request, quote, sampling_kwargs
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
 
@@ -20,9 +22,13 @@ INVALID = grpc.StatusCode.INVALID_ARGUMENT
     ("fields", "message"),
     [
         ({"max_tokens": 0}, "sampling.max_tokens must be > 0, got 0"),
-        ({"temperature": -0.5}, "sampling.temperature must be finite and >= 0, got -0.5"),
-        ({"temperature": math.inf}, "sampling.temperature must be finite and >= 0, got inf"),
-        ({"temperature": math.nan}, "sampling.temperature must be finite and >= 0, got nan"),
+        ({"temperature": -0.5}, "sampling.temperature must be in [0, 2], got -0.5"),
+        ({"temperature": 2.5}, "sampling.temperature must be in [0, 2], got 2.5"),
+        ({"temperature": math.inf}, "sampling.temperature must be in [0, 2], got inf"),
+        ({"temperature": math.nan}, "sampling.temperature must be in [0, 2], got nan"),
+        ({"time_limit_s": 0}, "sampling.time_limit_s must be in (0, 86400], got 0.0"),
+        ({"time_limit_s": -1}, "sampling.time_limit_s must be in (0, 86400], got -1.0"),
+        ({"time_limit_s": math.nan}, "sampling.time_limit_s must be in (0, 86400], got nan"),
         ({"top_p": 0.0}, "sampling.top_p must be in (0, 1], got 0.0"),
         ({"top_p": 1.5}, "sampling.top_p must be in (0, 1], got 1.5"),
         ({"top_k": -2}, "sampling.top_k must be -1, 0 (disabled) or > 0, got -2"),
@@ -74,6 +80,69 @@ def test_context_fit() -> None:
             fit_max_tokens(prompt_tokens, sampling, 1024)
         code, details = status_for(err.value)
         assert code == INVALID and details.startswith(message)
+        # the expert's own limit, not the request's: the gateway may try another expert
+        assert trailers_for(err.value) == ((REASON_KEY, EXPERT_LIMIT),)
+
+
+LIMITS = LimitsConfig(max_request_bytes=64 * 1024, max_messages=4)
+
+
+@pytest.mark.parametrize(
+    ("request_fields", "message"),
+    [
+        (
+            {"prompt": "p" * 70_000},
+            "the request is 70004 bytes; the limit is 65536 (limits.max_request_bytes)",
+        ),
+        ({"prompt": "x", "request_id": "r" * 129}, "request_id has 129 characters; the limit is 128"),
+        (
+            {"prompt": "x", "request_id": "a\nforged log line"},
+            "request_id 'a\\nforged log line' contains non-printable characters",
+        ),
+        ({"prompt": "x", "domain": "d" * 5000}, "domain has 5000 characters; the limit is 128"),
+        ({"prompt": "x", "expert_id": "e" * 200}, "expert_id has 200 characters; the limit is 128"),
+        (
+            {"prompt": "x", "messages": [pb.Message(role="user", content="hi")]},
+            "set either prompt or messages, not both",
+        ),
+        ({}, "the request has neither prompt nor messages"),
+        (
+            {"messages": [pb.Message(role="user", content="hi")] * 5},
+            "messages has 5 turns; the limit is 4 (limits.max_messages)",
+        ),
+        (
+            {"messages": [pb.Message(role="robot", content="beep")]},
+            "messages[0].role 'robot' is not one of system, user, assistant, tool",
+        ),
+        (
+            {"messages": [pb.Message(role="r" * 9000, content="beep")]},
+            f"messages[0].role {'r' * 48!r}... (9000 characters) is not one of system, user, assistant, tool",
+        ),
+    ],
+)
+def test_request_limits_are_checked_first(request_fields: dict[str, object], message: str) -> None:
+    with pytest.raises(MeshError) as err:
+        check_request(pb.GenerateRequest(**request_fields), LIMITS)  # type: ignore[arg-type]
+    assert status_for(err.value) == (INVALID, message)
+
+
+def test_a_good_request_passes_with_its_sampling() -> None:
+    request = pb.GenerateRequest(
+        request_id="r-1", prompt="hi", sampling=pb.SamplingParams(temperature=0.0, time_limit_s=2.5)
+    )
+    assert check_request(request, LIMITS) == {"ignore_eos": False, "temperature": 0.0}
+
+
+def test_quote_cuts_long_values() -> None:
+    assert quote("short") == "'short'"
+    assert quote("x" * 100, 10) == "'xxxxxxxxxx'... (100 characters)"
+
+
+def test_limits_must_fit_one_link_message() -> None:
+    with pytest.raises(ValueError, match=r"max_request_bytes .* must be at least 64 KiB below"):
+        LimitsConfig(max_request_bytes=4 * 1024 * 1024)
+    with pytest.raises(ValueError, match=r"link_batch_bytes .* must not exceed"):
+        LimitsConfig(max_message_bytes=1024 * 1024, link_batch_bytes=2 * 1024 * 1024, max_request_bytes=1024)
 
 
 class _Tokenizer:
@@ -92,20 +161,6 @@ def test_prompt_and_messages() -> None:
     turns = [pb.Message(role="system", content="be brief"), pb.Message(role="user", content="hi")]
     assert render("", turns, tok, None) == ("<system>be brief<user>hi", False)
     assert render("", turns, tok, "{{ messages | length }}") == ("2", False)
-    cases = [
-        ("x", turns, INVALID, "set either prompt or messages, not both"),
-        ("", [], INVALID, "the request has neither prompt nor messages"),
-        (
-            "",
-            [pb.Message(role="robot", content="beep")],
-            INVALID,
-            "messages[0].role 'robot' is not one of system, user, assistant, tool",
-        ),
-    ]
-    for prompt, messages, code, message in cases:
-        with pytest.raises(MeshError) as err:
-            render(prompt, messages, tok, None)
-        assert status_for(err.value) == (code, message)
 
 
 def test_model_without_chat_template_is_unimplemented() -> None:
@@ -136,8 +191,9 @@ def test_template_errors_are_invalid_argument() -> None:
         render("", [pb.Message(role="user", content="hi")], Raising(), None)
     assert status_for(err.value) == (
         INVALID,
-        "messages cannot be rendered with the chat template: roles must alternate",
+        "messages cannot be rendered with this expert's chat template: roles must alternate",
     )
+    assert trailers_for(err.value) == ((REASON_KEY, EXPERT_LIMIT),)
 
 
 def test_demo_model_template_renders(demo_models: list[Path]) -> None:

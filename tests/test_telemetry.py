@@ -33,7 +33,7 @@ from expertmesh.client import MeshClient
 from expertmesh.config import load_config
 from expertmesh.gateway.server import serve
 from expertmesh.logs import RequestContextFilter, make_formatter, request_context, setup_logging
-from expertmesh.mux import Multiplexed
+from expertmesh.muxserve import Multiplexed
 from expertmesh.rpc import Health, bind
 from expertmesh.telemetry import metrics, tracing
 from expertmesh.telemetry.load import traced_load

@@ -12,12 +12,11 @@ from collections.abc import Sequence
 from typing import Any
 
 from expertmesh.config import ExpertConfig
-from expertmesh.errors import InvalidRequest, Unavailable, Unimplemented
+from expertmesh.errors import ExpertLimit, InvalidRequest, Unavailable, Unimplemented
 from expertmesh.v1 import expertmesh_pb2 as pb
 
 from .engine import load_tokenizer
 
-ROLES = ("system", "user", "assistant", "tool")
 #: Longer texts are tokenized in a thread so that one huge prompt does not stall other streams.
 INLINE_TOKENIZE_CHARS = 4096
 
@@ -30,15 +29,8 @@ def render(
     A raw prompt gets them; a chat rendering does not, since the template writes them itself
     (as vLLM's own chat endpoint does).
     """
-    if prompt and messages:
-        raise InvalidRequest("set either prompt or messages, not both")
     if prompt:
         return prompt, True
-    if not messages:
-        raise InvalidRequest("the request has neither prompt nor messages")
-    for i, m in enumerate(messages):
-        if m.role not in ROLES:
-            raise InvalidRequest(f"messages[{i}].role {m.role!r} is not one of {', '.join(ROLES)}")
     template = chat_template or getattr(tokenizer, "chat_template", None)
     if not template:
         raise Unimplemented(
@@ -51,7 +43,7 @@ def render(
             turns, tokenize=False, add_generation_prompt=True, chat_template=template
         )
     except Exception as e:  # jinja2's TemplateError, or the template's own raise_exception()
-        raise InvalidRequest(f"messages cannot be rendered with the chat template: {e}") from e
+        raise ExpertLimit(f"messages cannot be rendered with this expert's chat template: {e}") from e
     return str(text), False
 
 

@@ -63,19 +63,22 @@ class Chunker:
         self.prompt_tokens = prompt_tokens
         self.logprobs = logprobs
         self.completion_tokens = 0
+        self.time_limited = False  # set when sampling.time_limit_s ended the request
+        self._first = True
 
     def chunk(self, out: Any) -> pb.GenerateResponse:
         """The message for one RequestOutput; ``finish_reason`` and ``usage`` on the last."""
         piece = out.outputs[0]
         ids = list(piece.token_ids)
         self.completion_tokens += len(ids)
-        msg = pb.GenerateResponse(
-            text=piece.text, token_ids=ids, expert_id=self.expert_id, request_id=self.request_id
-        )
+        msg = pb.GenerateResponse(text=piece.text, token_ids=ids, expert_id=self.expert_id)
+        if self._first:  # once per stream: a caller's long id is not copied into every chunk
+            msg.request_id, self._first = self.request_id, False
         if self.logprobs is not None:
             msg.logprobs.extend(token_logprobs(ids, piece.logprobs, self.logprobs))
         if out.finished:
-            msg.finish_reason = piece.finish_reason or ""
+            reason = piece.finish_reason or ""
+            msg.finish_reason = "time_limit" if self.time_limited and reason == "abort" else reason
             msg.usage.prompt_tokens = self.prompt_tokens
             msg.usage.completion_tokens = self.completion_tokens
         return msg
