@@ -6,16 +6,28 @@ The rule, as documented in the README:
 2. The vote with the highest confidence decides; on a tie the earlier signal in that order wins
    (explicit rules beat heuristics, heuristics beat similarity).
 3. If no vote reaches ``routing.threshold``, the request goes to the default domain.
+4. Classification has ``routing.classify_budget_ms``: a signal that would start after it is
+   spent, or an operator's pattern that runs past it, is not heard; the votes so far decide, and
+   a ``budget`` vote in the explanation says what was cut.
 All votes are kept and returned, so the route explanation shows what each signal thought.
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 from expertmesh.config import MeshConfig
 
-from .signals import CodeSignal, EmbeddingSignal, LanguageSignal, RulesSignal, Vote
+from .signals import (
+    MAX_CLASSIFY_CHARS,
+    BudgetExceeded,
+    CodeSignal,
+    EmbeddingSignal,
+    LanguageSignal,
+    RulesSignal,
+    Vote,
+)
 
 
 @dataclass(frozen=True)
@@ -35,6 +47,7 @@ class Classifier:
         routing = config.routing
         self.default_domain = config.effective_default_domain()
         self.threshold = routing.threshold
+        self.budget_s = routing.classify_budget_ms / 1000.0
         rules = RulesSignal(routing.domains)
         self.signals: list[RulesSignal | CodeSignal | LanguageSignal | EmbeddingSignal] = [rules]
         code = [d for d, r in routing.domains.items() if r.code]
@@ -55,8 +68,23 @@ class Classifier:
             self.embeddings.warm()
 
     def votes(self, text: str) -> list[Vote]:
-        """The fast signals' votes (rules, code, language): well under a millisecond each."""
-        return [v for v in (s.vote(text) for s in self.signals if not isinstance(s, EmbeddingSignal)) if v]
+        """The fast signals' votes (rules, code, language), within the time budget."""
+        text = text[:MAX_CLASSIFY_CHARS]
+        deadline = time.monotonic() + self.budget_s
+        votes: list[Vote] = []
+        for signal in self.signals:
+            left = deadline - time.monotonic()
+            try:
+                if left <= 0:
+                    raise BudgetExceeded(f"no time left for the {signal.name} signal")
+                vote = signal.vote(text, left) if isinstance(signal, RulesSignal) else signal.vote(text)
+            except BudgetExceeded as e:
+                detail = f"classification budget of {self.budget_s * 1000:g} ms spent: {e}"
+                votes.append(Vote("budget", self.default_domain, 0.0, detail))
+                break
+            if vote:
+                votes.append(vote)
+        return votes
 
     def decide(self, votes: list[Vote]) -> Classification:
         """Apply the documented rule to the votes."""
@@ -73,7 +101,7 @@ class Classifier:
         """Classify with the fast signals and, when configured, the embedding signal."""
         votes = self.votes(text)
         if self.embeddings:
-            vote = self.embeddings.vote(text)
+            vote = self.embeddings.vote(text[:MAX_CLASSIFY_CHARS])
             if vote:
                 votes.append(vote)
         return self.decide(votes)

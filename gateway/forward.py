@@ -1,11 +1,21 @@
 """Forward one request along its route, failing over before the first token.
 
 Candidates are tried in route order; within an expert, its available replicas by least
-outstanding requests. An attempt that fails with UNAVAILABLE, RESOURCE_EXHAUSTED, a connect
-failure or a hang (the per-attempt deadline) *before any message reached the caller* moves on
-to the next replica or candidate; INVALID_ARGUMENT and other caller errors are never retried.
-Once a message has been streamed, a failure ends the stream with UNAVAILABLE naming the expert
-and the cause, because replaying would duplicate text the caller already has.
+outstanding requests. What an attempt's failure means is decided here, once:
+
+- the replica's own failure (it is unreachable or died, UNAVAILABLE, INTERNAL, UNKNOWN, no
+  first message within ``routing.first_token_timeout_s``): counted toward its ejection, and
+  the next replica or candidate is tried;
+- not the replica's fault, but another may serve (RESOURCE_EXHAUSTED: full; an expert-specific
+  refusal: its context is too small, it has no chat template): the next is tried, nothing counted;
+- the request's or the caller's doing (INVALID_ARGUMENT, NOT_FOUND, ...; the caller's deadline
+  or cancel): the stream ends with that status at once, nothing counted.
+
+When every candidate failed, the caller gets the status they all agree on (every one full:
+RESOURCE_EXHAUSTED with retry pushback; every one refused the request: that refusal), else
+UNAVAILABLE with every attempt's outcome. The caller's deadline is DEADLINE_EXCEEDED wherever
+it hits. Once a message has been streamed, a failure ends the stream (UNAVAILABLE naming the
+expert and the cause), because replaying would duplicate text the caller already has.
 """
 
 from __future__ import annotations
@@ -18,20 +28,37 @@ from collections.abc import AsyncIterator, Sequence
 import grpc
 
 from expertmesh.config import ExpertConfig, RoutingConfig
-from expertmesh.errors import Unavailable
+from expertmesh.errors import (
+    EXPERT_LIMIT,
+    REASON_KEY,
+    DeadlineExceeded,
+    ExpertLimit,
+    MeshError,
+    ResourceExhausted,
+    Unavailable,
+    Unimplemented,
+)
 from expertmesh.telemetry import Attempt, attempt_span, record_ejection
 from expertmesh.v1 import expertmesh_pb2 as pb
 
+from .ejection import may_eject
 from .health import ExpertLink
 from .pool import Pool
 from .router import Route
 
 log = logging.getLogger(__name__)
 
-#: Codes that mean "this replica cannot take it now, another one may".
-RETRYABLE = frozenset(
-    {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.DEADLINE_EXCEEDED}
+#: The replica's own failures: they count toward its ejection.
+REPLICA_FAULTS = frozenset(
+    {
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.INTERNAL,
+        grpc.StatusCode.UNKNOWN,
+        grpc.StatusCode.DATA_LOSS,
+    }
 )
+#: Not the replica's fault, but another one may serve it.
+ELSEWHERE = frozenset({grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.CANCELLED})
 #: Taken off the caller's deadline so that the gateway, not the caller, sees an expert time out.
 DEADLINE_MARGIN_S = 0.05
 #: Metadata passed on to the expert as is.
@@ -41,6 +68,14 @@ PASSTHROUGH = ("x-request-id",)
 def ordered_replicas(links: Sequence[ExpertLink], panic: bool = False) -> list[ExpertLink]:
     """Available replicas (all of them in panic mode), least outstanding first (stable order)."""
     return sorted((link for link in links if panic or link.available()), key=lambda link: link.outstanding)
+
+
+def _expert_specific(error: grpc.aio.AioRpcError) -> bool:
+    """A refusal that is this expert's (it cannot serve the request), not the request's."""
+    if error.code() == grpc.StatusCode.UNIMPLEMENTED:
+        return True
+    trailers = error.trailing_metadata() or ()
+    return error.code() == grpc.StatusCode.INVALID_ARGUMENT and (REASON_KEY, EXPERT_LIMIT) in tuple(trailers)
 
 
 class Forwarder:
@@ -60,6 +95,7 @@ class Forwarder:
         self.routing = routing
         self.context = context
         self.decision = route.decision()
+        self.failures: list[tuple[grpc.StatusCode, str]] = []  # attempts that failed, and how
 
     def _attempt(self, link: ExpertLink | ExpertConfig, outcome: str) -> None:
         address = link.address if isinstance(link, ExpertLink) else ""
@@ -73,12 +109,40 @@ class Forwarder:
         remaining = self.context.time_remaining()
         return None if remaining is None else max(remaining - DEADLINE_MARGIN_S, 0.001)
 
-    def _others_available(self, link: ExpertLink, experts: Sequence[ExpertConfig]) -> bool:
+    def _deadline_spent(self) -> bool:
+        remaining = self.context.time_remaining()
+        return remaining is not None and remaining <= DEADLINE_MARGIN_S
+
+    def _may_eject(self, link: ExpertLink, experts: Sequence[ExpertConfig]) -> bool:
+        """Another candidate is available, and the expert's ejected share stays in bounds."""
+        siblings = self.pool.replicas.get(link.expert_id, [])
+        ejected = sum(1 for other in siblings if other.ejection.ejected())
+        if not may_eject(ejected, len(siblings), self.routing.max_ejection_percent):
+            return False
         return any(
             other is not link and other.available()
             for e in experts
             for other in self.pool.replicas.get(e.expert_id, [])
         )
+
+    def _count_failure(self, link: ExpertLink, experts: Sequence[ExpertConfig], outcome: str) -> None:
+        if link.ejection.failure(may_eject=self._may_eject(link, experts)):
+            log.warning("expert %s at %s ejected: %s", link.expert_id, link.address, outcome)
+            record_ejection(link.expert_id)
+
+    def _final_error(self) -> MeshError:
+        """What the caller gets when no candidate served (see the module docstring)."""
+        summary = self.summary() or "no candidate"
+        if self._deadline_spent():
+            return DeadlineExceeded(f"deadline exceeded before any expert answered: {summary}")
+        codes = {code for code, _ in self.failures}
+        if codes == {grpc.StatusCode.RESOURCE_EXHAUSTED}:
+            return ResourceExhausted(f"every expert for this request is full: {summary}")
+        if codes and codes <= {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.UNIMPLEMENTED}:
+            code, details = self.failures[-1]
+            refusal = ExpertLimit if code == grpc.StatusCode.INVALID_ARGUMENT else Unimplemented
+            return refusal(f"no expert for this request can serve it: {details} ({summary})")
+        return Unavailable(f"every expert for this request failed: {summary}")
 
     def _warm_later(self, index: int) -> bool:
         return any(
@@ -119,7 +183,7 @@ class Forwarder:
                         yield msg
                 if sent:
                     return
-        raise Unavailable(f"every expert for this request failed: {self.summary() or 'no candidate'}")
+        raise self._final_error()
 
     async def _try(
         self,
@@ -134,10 +198,12 @@ class Forwarder:
         call = link.mux.open(self.request, self._timeout(), attempt.metadata(metadata))
         link.outstanding += 1
         sent = 0
+        # A cold lazy expert loads first: wait for that as long as configured; a loaded one
+        # that sends nothing for first_token_timeout_s is hung, as far as this request goes.
+        first_wait = self.routing.load_wait_s if cold else self.routing.first_token_timeout_s
         try:
             iterator = call.__aiter__()
-            # A cold lazy expert loads first; wait for that only as long as configured.
-            first = await asyncio.wait_for(anext(iterator), self.routing.load_wait_s if cold else None)
+            first = await asyncio.wait_for(anext(iterator), first_wait)
             sent = 1
             yield first
             async for msg in iterator:
@@ -152,26 +218,36 @@ class Forwarder:
             self._attempt(link, f"CANCELLED by the caller after {sent} messages")
             raise
         except TimeoutError:
-            self._attempt(
-                link, f"DEADLINE_EXCEEDED: engine still loading after {self.routing.load_wait_s:g} s"
-            )
-            attempt.set_outcome(grpc.StatusCode.DEADLINE_EXCEEDED, "engine still loading")
-        except grpc.aio.AioRpcError as e:
-            outcome = f"{e.code().name}: {e.details()}"
+            if cold:
+                outcome = f"DEADLINE_EXCEEDED: engine still loading after {first_wait:g} s"
+            else:
+                outcome = (
+                    f"UNAVAILABLE: no first message within {first_wait:g} s (routing.first_token_timeout_s)"
+                )
+                self._count_failure(link, experts, outcome)
             self._attempt(link, outcome)
-            attempt.set_outcome(e.code(), e.details() or "")
-            if e.code() not in RETRYABLE:
-                link.ejection.success()  # the replica answered properly; the request was bad
+            self.failures.append((grpc.StatusCode.UNAVAILABLE, outcome))
+            attempt.set_outcome(grpc.StatusCode.DEADLINE_EXCEEDED, outcome)
+        except grpc.aio.AioRpcError as e:
+            code = e.code()
+            outcome = f"{code.name}: {e.details()}"
+            self._attempt(link, outcome)
+            attempt.set_outcome(code, e.details() or "")
+            if code == grpc.StatusCode.DEADLINE_EXCEEDED or self._deadline_spent():
+                # The stream's deadline is the caller's (less a margin): it has passed.
+                where = f"mid-stream at expert {link.expert_id}" if sent else f"at expert {link.expert_id}"
+                raise DeadlineExceeded(f"deadline exceeded {where} after {sent} messages") from None
+            if code in REPLICA_FAULTS:
+                self._count_failure(link, experts, outcome)
+                if sent:
+                    raise Unavailable(
+                        f"expert {link.expert_id} at {link.address} failed mid-stream: {outcome}"
+                    ) from None
+            elif sent or not (code in ELSEWHERE or _expert_specific(e)):
+                # The request's (or its caller's) doing, e.g. a caller that did not read: as is.
+                link.ejection.success()
                 raise
-            if link.ejection.failure(may_eject=self._others_available(link, experts)):
-                log.warning("expert %s at %s ejected: %s", link.expert_id, link.address, outcome)
-                record_ejection(link.expert_id)
-            if sent:
-                raise Unavailable(
-                    f"expert {link.expert_id} at {link.address} failed mid-stream: {outcome}"
-                ) from None
-            if e.code() == grpc.StatusCode.DEADLINE_EXCEEDED and (self._timeout() or 1) <= 0.001:
-                raise  # the caller's own deadline is spent: nothing left to fail over with
+            self.failures.append((code, e.details() or code.name))
         finally:
             link.outstanding -= 1
             call.cancel()  # no-op when finished; aborts the expert's request when we were cancelled

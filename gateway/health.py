@@ -1,5 +1,5 @@
 """The gateway's view of one expert replica: its channel, the multiplexed call its requests
-share (:mod:`expertmesh.mux`), pushed health, load and ejection state.
+share (:mod:`expertmesh.mux`), pushed health, load and ejection state (:mod:`.ejection`).
 
 Health arrives by ``grpc.health.v1.Health/Watch`` (pushed, not polled) on two services of the
 expert: ``expertmesh.v1.Expert`` (can it take a request?) and ``expertmesh.v1.Expert/engine``
@@ -13,15 +13,17 @@ import asyncio
 import contextlib
 import logging
 import time
-from dataclasses import dataclass
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from expertmesh.config import LimitsConfig
 from expertmesh.mux import Multiplexer
-from expertmesh.rpc import CHANNEL_OPTIONS
+from expertmesh.rpc import channel_options
 from expertmesh.v1 import expertmesh_pb2 as pb
 from expertmesh.v1 import expertmesh_pb2_grpc as pb_grpc
+
+from .ejection import Ejection
 
 log = logging.getLogger(__name__)
 EXPERT_SERVICE = pb.DESCRIPTOR.services_by_name["Expert"].full_name
@@ -29,49 +31,22 @@ ENGINE_SERVICE = EXPERT_SERVICE + "/engine"
 RETRY_S = 0.5
 
 
-@dataclass
-class Ejection:
-    """Outlier ejection in the spirit of Envoy's: consecutive failures eject for a growing time."""
-
-    after_failures: int = 3
-    base_s: float = 5.0
-    consecutive_failures: int = 0
-    ejections: int = 0
-    until: float = 0.0
-
-    def ejected(self, now: float | None = None) -> bool:
-        """True while the replica is out of rotation."""
-        return (time.monotonic() if now is None else now) < self.until
-
-    def success(self) -> None:
-        """A request went through: the failure streak ends."""
-        self.consecutive_failures = 0
-
-    def failure(self, may_eject: bool) -> bool:
-        """Count a failure; True when this one ejects the replica (base time x 2^ejections)."""
-        self.consecutive_failures += 1
-        if self.consecutive_failures < self.after_failures or not may_eject or self.ejected():
-            return False
-        self.until = time.monotonic() + self.base_s * 2**self.ejections
-        self.ejections += 1
-        self.consecutive_failures = 0
-        return True
-
-    def health_passed(self) -> None:
-        """A fresh passing health check brings an ejected replica back."""
-        self.until = 0.0
-        self.consecutive_failures = 0
-
-
 class ExpertLink:
     """One replica address of one expert."""
 
-    def __init__(self, expert_id: str, address: str, ejection: Ejection | None = None) -> None:
+    def __init__(
+        self,
+        expert_id: str,
+        address: str,
+        ejection: Ejection | None = None,
+        limits: LimitsConfig | None = None,
+    ) -> None:
         self.expert_id = expert_id
         self.address = address
-        self.channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+        limits = limits or LimitsConfig()
+        self.channel = grpc.aio.insecure_channel(address, options=channel_options(limits.max_message_bytes))
         self.stub = pb_grpc.ExpertStub(self.channel)  # built once: a stub makes one callable per RPC
-        self.mux = Multiplexer(self.stub)  # every Generate to this replica, over one call
+        self.mux = Multiplexer(self.stub, limits)  # every Generate to this replica, over one call
         self.health = "UNKNOWN"
         self.engine_ready = False
         self.outstanding = 0

@@ -8,7 +8,8 @@ from collections.abc import Iterable
 
 from expertmesh.config import MeshConfig
 
-from .health import Ejection, ExpertLink
+from .ejection import Ejection
+from .health import ExpertLink
 
 log = logging.getLogger(__name__)
 
@@ -49,11 +50,13 @@ class Pool:
             for address in addresses:
                 link = current.pop((expert_id, address), None)
                 if link is None:
-                    link = ExpertLink(expert_id, address, Ejection())
+                    link = ExpertLink(expert_id, address, Ejection(), config.limits)
                     link.start()
                     log.info("expert %s: replica %s added", expert_id, address)
                 link.ejection.after_failures = routing.eject_after_failures
                 link.ejection.base_s = routing.eject_base_s
+                link.ejection.max_s = routing.eject_max_s
+                link.ejection.decay_s = routing.eject_decay_s
                 replicas[expert_id].append(link)
         for link in current.values():
             log.info("expert %s: replica %s removed (closing after %d open streams)", *_who(link))

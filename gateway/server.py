@@ -21,7 +21,7 @@ import grpc
 from expertmesh import cpus
 from expertmesh.config import ConfigError, MeshConfig, load_config
 from expertmesh.loop import freeze_heap
-from expertmesh.rpc import SERVER_OPTIONS, Health, bind, stop_event_on_signals
+from expertmesh.rpc import Health, bind, server_options, stop_event_on_signals
 from expertmesh.telemetry import Identity, start_telemetry, watch_replicas
 from expertmesh.v1 import expertmesh_pb2 as pb
 from expertmesh.v1 import expertmesh_pb2_grpc as pb_grpc
@@ -121,7 +121,7 @@ async def serve(
     watch_replicas(lambda: [(x.expert_id, x.address, x.health, x.ejection.ejected()) for x in pool.links()])
     servicer = GatewayServicer(await _router(config), pool)
     freeze_heap()  # what start-up left (torch too, with the embeddings classifier)
-    server = grpc.aio.server(options=SERVER_OPTIONS)
+    server = grpc.aio.server(options=server_options(config.limits.max_message_bytes))
     pb_grpc.add_GatewayServicer_to_server(servicer, server)
     health = Health(server, [SERVICE])
     await health.set(False)
@@ -140,7 +140,7 @@ async def serve(
     finally:
         for task in tasks:
             task.cancel()
-        await health.set(False)
+        await health.close()  # NOT_SERVING, and the health Watch streams end
         await server.stop(config.grace_period_s)
         await pool.close()
         telemetry.stop()  # export the last spans

@@ -13,7 +13,9 @@ from expertmesh.errors import grpc_errors
 from expertmesh.telemetry import gateway_generate, note_route
 from expertmesh.v1 import expertmesh_pb2 as pb
 from expertmesh.v1 import expertmesh_pb2_grpc as pb_grpc
+from expertmesh.validation import check_request
 
+from .admission import Admission
 from .forward import Forwarder, ordered_replicas
 from .pool import Pool
 from .router import Router
@@ -25,9 +27,11 @@ INFO_TIMEOUT_S = 1.0
 class GatewayServicer(pb_grpc.GatewayServicer):
     """Routes each request; ``router`` is replaced as a whole when the config is reloaded."""
 
-    def __init__(self, router: Router, pool: Pool) -> None:
+    def __init__(self, router: Router, pool: Pool, admission: Admission | None = None) -> None:
         self.router = router
         self.pool = pool
+        gw = router.config.gateway
+        self.admission = admission or Admission(gw.max_concurrent_streams, gw.max_streams_per_peer)
 
     @grpc_errors
     @gateway_generate
@@ -35,26 +39,29 @@ class GatewayServicer(pb_grpc.GatewayServicer):
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.GenerateResponse]:
         router = self.router  # one config for the whole request, even across a reload
-        if not request.request_id:
-            request.request_id = uuid.uuid4().hex  # so that every log line and both hops share it
-        route = await router.route(request)
-        note_route(route.domain, route.signal, route.confidence)
-        forwarder = Forwarder(request, route, self.pool, router.config.routing, context)
-        try:
-            async for msg in forwarder.stream():
-                yield msg
-        finally:
-            log.info(
-                "request %s -> domain %s (%s %.2f): %s",
-                request.request_id or "-",
-                route.domain,
-                route.signal,
-                route.confidence,
-                forwarder.summary() or "cancelled before any attempt",
-            )
+        with self.admission.admit(context.peer()):
+            check_request(request, router.config.limits)  # before any routing work
+            if not request.request_id:
+                request.request_id = uuid.uuid4().hex  # so that every log line and both hops share it
+            route = await router.route(request)
+            note_route(route.domain, route.signal, route.confidence)
+            forwarder = Forwarder(request, route, self.pool, router.config.routing, context)
+            try:
+                async for msg in forwarder.stream():
+                    yield msg
+            finally:
+                log.info(
+                    "request %s -> domain %s (%s %.2f): %s",
+                    request.request_id or "-",
+                    route.domain,
+                    route.signal,
+                    route.confidence,
+                    forwarder.summary() or "cancelled before any attempt",
+                )
 
     @grpc_errors
     async def Route(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> pb.RouteDecision:
+        check_request(request, self.router.config.limits)
         route = await self.router.route(request)
         decision = route.decision()
         for expert in route.experts:

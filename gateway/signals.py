@@ -3,6 +3,10 @@
 A signal returns ``None`` when it has nothing to say. Confidences are in [0, 1] and mean the
 same across signals, so that :mod:`gateway.classify` can compare them directly:
 0.95 = unmistakable (a code fence, an explicit pattern), 0.6 = one weak hint.
+
+A hostile prompt must not stall the gateway: the classifier hands each signal at most
+``MAX_CLASSIFY_CHARS`` of the prompt, the built-in expressions run in linear time (no nested
+unbounded repeats), and the operator's own patterns run under the ``regex`` module's timeout.
 """
 
 from __future__ import annotations
@@ -12,7 +16,20 @@ from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
 
+import regex
+
 from expertmesh.config import DomainRules
+
+#: The part of a prompt the signals read: the start says what a request is about.
+MAX_CLASSIFY_CHARS = 8192
+#: Lines longer than this are not looked at as code lines (a minified blob says little).
+MAX_CODE_LINE_CHARS = 400
+#: The language identifier reads this much (its cost grows with the text).
+MAX_LANGUAGE_CHARS = 2048
+
+
+class BudgetExceeded(Exception):
+    """A signal ran out of the classification time budget."""
 
 
 @dataclass(frozen=True)
@@ -38,14 +55,23 @@ class RulesSignal:
                 if rules.keywords
                 else None
             )
-            self._rules.append((domain, keywords, [re.compile(p, re.IGNORECASE) for p in rules.patterns]))
+            self._rules.append(
+                (domain, keywords, [regex.compile(p, regex.IGNORECASE) for p in rules.patterns])
+            )
 
-    def vote(self, text: str) -> Vote | None:
-        """The strongest rule match: a pattern 0.9; keywords 0.6 / 0.8 / 0.95 for 1 / 2 / 3+ distinct."""
+    def vote(self, text: str, timeout_s: float | None = None) -> Vote | None:
+        """The strongest rule match: a pattern 0.9; keywords 0.6 / 0.8 / 0.95 for 1 / 2 / 3+ distinct.
+
+        An operator's pattern may backtrack badly: past ``timeout_s`` it raises BudgetExceeded.
+        """
         best: Vote | None = None
         for domain, keywords, patterns in self._rules:
             for pattern in patterns:
-                if pattern.search(text):
+                try:
+                    found = pattern.search(text, timeout=timeout_s)
+                except TimeoutError:
+                    raise BudgetExceeded(f"pattern {pattern.pattern!r} ran out of time") from None
+                if found:
                     vote = Vote(self.name, domain, 0.9, f"pattern {pattern.pattern!r}")
                     best = vote if best is None or vote.confidence > best.confidence else best
                     break
@@ -59,6 +85,7 @@ class RulesSignal:
 
 
 # Lines that look like source code in common languages. Each hit is one piece of evidence.
+# Anchored at the line's start and without nested unbounded repeats: linear in the line.
 _CODE_LINE = re.compile(
     r"""^\s*(
         (def|class|import|from\s+\S+\s+import|return|elif|async\s+def|lambda)\b |   # Python
@@ -68,17 +95,35 @@ _CODE_LINE = re.compile(
         fn\s+\w+\s*\( | let\s+mut\s+ | impl\s+\w+ | use\s+\w+:: |                     # Rust
         func\s+\w+\s*\( | package\s+\w+\s*$ |                                        # Go
         (SELECT|INSERT\s+INTO|UPDATE|DELETE\s+FROM|CREATE\s+TABLE)\b.*\b(FROM|VALUES|SET|WHERE|\()|  # SQL
-        \$\s+\w+ | \#!/ |                                                            # shell
-        .*[;{}]\s*$ | .*\)\s*:\s*$ | .*\w+\(.*\)\s*;?\s*$                           # punctuation
+        \$\s+\w+ | \#!/                                                              # shell
     )""",
     re.VERBOSE,
 )
+_CALL = re.compile(r"\w\(")
+
+
+def _code_line(line: str) -> bool:
+    """A line that looks like code: a known construct, or code punctuation at its end."""
+    if len(line) > MAX_CODE_LINE_CHARS:
+        return False
+    if _CODE_LINE.match(line):
+        return True
+    end = line.rstrip()
+    if end.endswith((";", "{", "}")):
+        return True
+    if end.endswith(":") and end[:-1].rstrip().endswith(")"):  # def f(x):, if (a):
+        return True
+    return end.removesuffix(";").rstrip().endswith(")") and _CALL.search(end) is not None  # f(x)
+
+
 _STACK_TRACE = re.compile(
-    r"Traceback \(most recent call last\)|^\s+at [\w.$]+\(.*\)$|Exception in thread|"
-    r"^\w+(Error|Exception): |panicked at|Segmentation fault|^\s+File \".*\", line \d+",
+    r"Traceback \(most recent call last\)|^\s+at [\w.$]+\([^\n]*\)$|Exception in thread|"
+    r"^\w+(Error|Exception): |panicked at|Segmentation fault|^\s+File \"[^\n]*\", line \d+",
     re.MULTILINE,
 )
-_INLINE_CODE = re.compile(r"`[^`\n]+\(|\w+\.\w+\(\)|\w+\[\w*\]\s*=|==|!=|&&|\|\||->|::")
+# \b before each \w+: a match starts only at a word's start, so a long word costs its length
+# once, not once per character (which made a 100 kB one-word prompt take tens of seconds).
+_INLINE_CODE = re.compile(r"`[^`\n]+\(|\b\w+\.\w+\(\)|\b\w+\[\w*\]\s*=|==|!=|&&|\|\||->|::")
 
 
 class CodeSignal:
@@ -95,7 +140,7 @@ class CodeSignal:
             return Vote(self.name, self.domain, 0.95, "code fence")
         if _STACK_TRACE.search(text):
             return Vote(self.name, self.domain, 0.9, "stack trace")
-        lines = sum(1 for line in text.splitlines() if _CODE_LINE.match(line))
+        lines = sum(1 for line in text.splitlines() if _code_line(line))
         inline = len(_INLINE_CODE.findall(text))
         evidence = lines + min(inline, 2)
         if evidence == 0:
@@ -124,6 +169,7 @@ class LanguageSignal:
 
     def vote(self, text: str) -> Vote | None:
         """The identified language's probability (x0.9) when it is not English."""
+        text = text[:MAX_LANGUAGE_CHARS]
         if sum(c.isalpha() for c in text) < self.MIN_LETTERS:
             return None
         language, probability = self._identifier.classify(text)

@@ -6,6 +6,7 @@ import pytest
 
 from expertmesh.config import MeshConfig
 from expertmesh.gateway.classify import Classifier
+from expertmesh.gateway.signals import MAX_CLASSIFY_CHARS
 
 ROUTING = {
     "threshold": 0.5,
@@ -156,3 +157,40 @@ def test_threshold_bounds(threshold: float) -> None:
     result = Classifier(config).classify("How do I reverse a list in Python?")
     # keyword "python" votes code at 0.6: kept at threshold 0, below threshold 1 -> default
     assert result.domain == ("code" if threshold == 0.0 else "general")
+
+
+def test_hostile_prompts_are_read_only_so_far() -> None:
+    """A huge prompt is classified on its start: the same answer as its first MAX_CLASSIFY_CHARS."""
+    classifier = Classifier(mesh(embeddings=False))
+    head = "def reverse(s):\n    return s[::-1]\n"
+    long_code = head + "x" * 500_000  # one endless word after the code
+    assert classifier.classify(long_code) == classifier.classify(long_code[:MAX_CLASSIFY_CHARS])
+    assert classifier.classify(long_code).domain == "code"
+    one_word = "a" * 100_000  # used to take the code regexes tens of seconds
+    assert classifier.classify(one_word).signal == "default"
+
+
+def test_a_catastrophic_operator_pattern_is_cut_by_the_budget() -> None:
+    config = MeshConfig.model_validate(
+        {
+            **mesh(embeddings=False).model_dump(),
+            "routing": {
+                "classify_budget_ms": 50,
+                "domains": {"code": {"patterns": ["(a|aa)+$"], "code": True}},
+            },
+        }
+    )
+    classifier = Classifier(config)
+    result = classifier.classify("a" * 60 + "!")  # exponential backtracking without a budget
+    assert (result.domain, result.signal) == (config.effective_default_domain(), "default")
+    budget = [v for v in result.votes if v.signal == "budget"]
+    assert len(budget) == 1 and budget[0].detail.startswith("classification budget of 50 ms spent: pattern")
+
+
+def test_code_lines_are_recognised_without_backtracking() -> None:
+    from expertmesh.gateway.signals import _code_line
+
+    for line in ("x = f(y)", "int main() {", "  return x;", "if (a):", "print(x);", "}"):
+        assert _code_line(line), line
+    for line in ("Tell me a story.", "What is (roughly) the answer", "a" * 5000 + ";"):
+        assert not _code_line(line), line[:40]

@@ -18,9 +18,11 @@ import yaml
 
 from expertmesh.client import MeshClient
 from expertmesh.config import load_config
-from expertmesh.gateway.health import Ejection
+from expertmesh.errors import EXPERT_LIMIT, REASON_KEY, MeshError, status_for
+from expertmesh.gateway.admission import Admission, peer_host
+from expertmesh.gateway.ejection import Ejection, may_eject
 from expertmesh.gateway.server import serve
-from expertmesh.mux import Multiplexed
+from expertmesh.muxserve import Multiplexed
 from expertmesh.rpc import Health, bind
 from expertmesh.v1 import expertmesh_pb2 as pb
 from expertmesh.v1 import expertmesh_pb2_grpc as pb_grpc
@@ -35,6 +37,7 @@ class FakeExpert(Multiplexed, pb_grpc.ExpertServicer):
         self.expert_id = expert_id
         self.fail: grpc.StatusCode | None = None
         self.fail_after = 0
+        self.fail_trailers: tuple[tuple[str, str], ...] = ()
         self.calls = 0
         self.hold = asyncio.Event()
         self.hold.set()
@@ -43,10 +46,18 @@ class FakeExpert(Multiplexed, pb_grpc.ExpertServicer):
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.GenerateResponse]:
         self.calls += 1
+        if request.prompt == "flood":  # far more than a caller's HTTP/2 window holds
+            for i in range(20_000):
+                yield pb.GenerateResponse(text="f" * 1024, token_ids=[i], expert_id=self.expert_id)
+            return
         await self.hold.wait()
         for i in range(3):
             if self.fail is not None and i == self.fail_after:
+                if self.fail_trailers:
+                    context.set_trailing_metadata(self.fail_trailers)
                 await context.abort(self.fail, f"{self.expert_id} says no")
+            if i == 1 and request.prompt == "hold-after-first":
+                await asyncio.Event().wait()
             yield pb.GenerateResponse(text=f"{self.expert_id}-{i} ", token_ids=[i], expert_id=self.expert_id)
         yield pb.GenerateResponse(expert_id=self.expert_id, finish_reason="stop")
 
@@ -80,12 +91,17 @@ class FakeServer:
 
 @contextlib.asynccontextmanager
 async def gateway(
-    tmp_path: Path, experts: dict[str, list[FakeServer]], **routing: object
+    tmp_path: Path,
+    experts: dict[str, list[FakeServer]],
+    mesh: dict[str, object] | None = None,
+    gateway_settings: dict[str, object] | None = None,
+    **routing: object,
 ) -> AsyncIterator[tuple[str, Path]]:
     """The real gateway server, in-process, over fake experts (``experts`` = expert_id -> replicas)."""
     port = free_port()
     config = {
-        "gateway": {"host": "127.0.0.1", "port": port},
+        **(mesh or {}),
+        "gateway": {"host": "127.0.0.1", "port": port, **(gateway_settings or {})},
         "grace_period_s": 1,
         "routing": {"fallbacks": {"code": ["general"]} if len(experts) > 1 else {}, **routing},
         "experts": [
@@ -184,16 +200,177 @@ async def test_failure_mid_stream_ends_with_unavailable_naming_the_expert(tmp_pa
 
 async def test_when_every_candidate_fails_each_attempt_is_listed(tmp_path: Path) -> None:
     code, general = FakeServer("code"), FakeServer("general")
-    code.expert.fail = general.expert.fail = grpc.StatusCode.RESOURCE_EXHAUSTED
+    code.expert.fail, general.expert.fail = grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED
     async with gateway(tmp_path, {"code": [code], "general": [general]}) as (address, _):
         async with MeshClient(address, timeout=10) as client:
             with pytest.raises(grpc.aio.AioRpcError) as err:
                 await client.complete("x", domain="code")
     assert err.value.code() == grpc.StatusCode.UNAVAILABLE
     assert err.value.details() == (
-        f"every expert for this request failed: code@{code.address}: RESOURCE_EXHAUSTED: code says no; "
+        f"every expert for this request failed: code@{code.address}: UNAVAILABLE: code says no; "
         f"general@{general.address}: RESOURCE_EXHAUSTED: general says no"
     )
+
+
+async def test_every_candidate_full_is_resource_exhausted_with_pushback(tmp_path: Path) -> None:
+    code, general = FakeServer("code"), FakeServer("general")
+    code.expert.fail = general.expert.fail = grpc.StatusCode.RESOURCE_EXHAUSTED
+    async with gateway(tmp_path, {"code": [code], "general": [general]}, eject_after_failures=1) as (
+        address,
+        _,
+    ):
+        async with MeshClient(address, timeout=10) as client:
+            for _ in range(3):
+                with pytest.raises(grpc.aio.AioRpcError) as err:
+                    await client.complete("x", domain="code")
+            listed = {r.address: r for e in (await client.list_experts()).experts for r in e.replicas}
+    assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert err.value.details() == (
+        f"every expert for this request is full: code@{code.address}: RESOURCE_EXHAUSTED: code says no; "
+        f"general@{general.address}: RESOURCE_EXHAUSTED: general says no"
+    )
+    assert ("grpc-retry-pushback-ms", "1000") in tuple(err.value.trailing_metadata() or ())
+    # a full queue is not the replica's failure: never ejected, however often
+    assert [(r.ejections, r.consecutive_failures) for r in listed.values()] == [(0, 0), (0, 0)]
+
+
+async def test_an_expert_specific_refusal_is_tried_on_the_next_candidate(tmp_path: Path) -> None:
+    code, general = FakeServer("code"), FakeServer("general")
+    code.expert.fail = grpc.StatusCode.INVALID_ARGUMENT
+    code.expert.fail_trailers = ((REASON_KEY, EXPERT_LIMIT),)  # e.g. its context is too small
+    async with gateway(tmp_path, {"code": [code], "general": [general]}) as (address, _):
+        async with MeshClient(address, timeout=10) as client:
+            done = await client.complete("x", domain="code")
+            assert done.expert_id == "general"
+            general.expert.fail = grpc.StatusCode.INVALID_ARGUMENT
+            general.expert.fail_trailers = code.expert.fail_trailers
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await client.complete("x", domain="code")
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert err.value.details().startswith("no expert for this request can serve it: general says no")
+
+
+async def test_the_callers_deadline_is_deadline_exceeded_and_never_ejects(tmp_path: Path) -> None:
+    code, general = FakeServer("code"), FakeServer("general")
+    async with gateway(tmp_path, {"code": [code], "general": [general]}, eject_after_failures=2) as (
+        address,
+        _,
+    ):
+        async with MeshClient(address, timeout=0.5) as client:
+            for _ in range(3):  # mid-stream: the fake sends one message, then holds
+                got = []
+                with pytest.raises(grpc.aio.AioRpcError) as mid:
+                    async for piece in client.stream_text("hold-after-first", domain="code"):
+                        got.append(piece)
+                assert got == ["code-0 "]
+                assert mid.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            code.expert.hold.clear()  # before the first message
+            with pytest.raises(grpc.aio.AioRpcError) as before:
+                await client.complete("x", domain="code")
+            code.expert.hold.set()
+        async with MeshClient(address, timeout=10) as client:
+            listed = {r.address: r for e in (await client.list_experts()).experts for r in e.replicas}
+    assert mid.value.details() == "deadline exceeded mid-stream at expert code after 1 messages"
+    assert before.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert listed[code.address].ejections == 0 and listed[code.address].consecutive_failures == 0
+    assert general.expert.calls == 0
+
+
+async def test_no_first_token_in_time_fails_over_and_counts(tmp_path: Path) -> None:
+    code, general = FakeServer("code"), FakeServer("general")
+    code.expert.hold.clear()  # a hung replica: takes the stream, never answers
+    async with gateway(tmp_path, {"code": [code], "general": [general]}, first_token_timeout_s=0.3) as (
+        address,
+        _,
+    ):
+        async with MeshClient(address, timeout=10) as client:
+            messages = [m async for m in client.stream("x", domain="code")]
+            listed = {r.address: r for e in (await client.list_experts()).experts for r in e.replicas}
+        code.expert.hold.set()
+    assert messages[0].expert_id == "general"
+    assert [a.outcome for a in messages[0].route.attempts] == [
+        "UNAVAILABLE: no first message within 0.3 s (routing.first_token_timeout_s)"
+    ]
+    assert listed[code.address].consecutive_failures == 1
+
+
+async def test_admission_limits_shed_with_pushback(tmp_path: Path) -> None:
+    general = FakeServer("general")
+    general.expert.hold.clear()
+    limits = {"max_concurrent_streams": 3, "max_streams_per_peer": 2}
+    async with gateway(tmp_path, {"general": [general]}, gateway_settings=limits) as (address, _):
+        async with MeshClient(address, timeout=10) as client:
+            held = [asyncio.create_task(client.complete("x")) for _ in range(2)]
+            await wait_for(lambda: general.expert.calls == 2)
+            with pytest.raises(grpc.aio.AioRpcError) as per_peer:
+                await client.complete("x")
+            general.expert.hold.set()
+            assert [(await h).text for h in held] == ["general-0 general-1 general-2 "] * 2
+            assert (await client.complete("x")).expert_id == "general"  # slots are given back
+    assert per_peer.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert per_peer.value.details() == (
+        "this client already has 2 streams open, the limit per client (gateway.max_streams_per_peer); "
+        "retry later"
+    )
+    assert ("grpc-retry-pushback-ms", "1000") in tuple(per_peer.value.trailing_metadata() or ())
+
+
+def test_admission_counts_in_all_and_per_host() -> None:
+    admission = Admission(max_streams=2, max_per_peer=2)
+    assert peer_host("ipv4:10.1.2.3:5555") == "ipv4:10.1.2.3"
+    assert peer_host("ipv6:[::1]:5555") == "ipv6:[::1]"
+    with admission.admit("ipv4:10.0.0.1:1"), admission.admit("ipv4:10.0.0.2:2"):
+        with pytest.raises(MeshError) as full, admission.admit("ipv4:10.0.0.3:3"):
+            pass
+        assert status_for(full.value)[0] == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "gateway.max_concurrent_streams" in str(full.value)
+    assert admission.in_flight == 0 and not admission.by_peer
+
+
+async def test_a_caller_that_stops_reading_ends_alone(tmp_path: Path) -> None:
+    general = FakeServer("general")
+    async with gateway(
+        tmp_path, {"general": [general]}, mesh={"limits": {"stream_buffer_messages": 128}}
+    ) as (
+        address,
+        _,
+    ):
+        async with MeshClient(address, timeout=60) as client:
+            slow = client.stream("flood").__aiter__()
+            assert (await anext(slow)).text == "f" * 1024  # then it stops reading
+            await wait_for(lambda: general.expert.calls == 1)
+            for _ in range(3):  # its neighbours on the same link go on
+                assert (await client.complete("x")).text == "general-0 general-1 general-2 "
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                while True:  # what the gateway had sent before it gave up, then the status
+                    await anext(slow)
+    assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert err.value.details() == (
+        "the caller did not read its stream: 128 messages were waiting for it (limits.stream_buffer_messages)"
+    )
+
+
+def test_ejection_is_capped_and_decays() -> None:
+    ejection = Ejection(after_failures=1, base_s=5, max_s=30, decay_s=60)
+    now = 1000.0
+    lengths = []
+    for _ in range(6):  # back to back: 5, 10, 20, then the cap
+        assert ejection.failure(may_eject=True, now=now)
+        lengths.append(ejection.until - now)
+        now = ejection.until
+    assert lengths == [5, 10, 20, 30, 30, 30]
+    # every quiet minute forgets one ejection: after four, 5 x 2^(6-4) = 20 s
+    assert ejection.next_ejection_s(now + 120) == 30
+    assert ejection.next_ejection_s(now + 240) == 20
+    assert ejection.next_ejection_s(now + 24 * 3600) == 5  # a day later: as new
+
+
+def test_at_most_a_share_of_replicas_is_ejected() -> None:
+    assert may_eject(ejected=0, total=1, max_percent=50)  # a lone replica: its fallbacks serve
+    assert may_eject(ejected=1, total=4, max_percent=50)
+    assert not may_eject(ejected=2, total=4, max_percent=50)
+    assert not may_eject(ejected=1, total=2, max_percent=50)
+    assert may_eject(ejected=1, total=2, max_percent=100)
 
 
 async def test_consecutive_failures_eject_and_a_passing_health_check_restores(tmp_path: Path) -> None:
