@@ -5,10 +5,12 @@ worker processes too, but in the supervisor's session: with the kernel's autogro
 a session is a scheduling group, and an expert in a session of its own was starved by its own
 engine processes (on 2 cores: half the throughput, streams stalled up to a second).
 
-Stop order: SIGTERM to every group (each server turns NOT_SERVING, drains within the grace
-period and shuts its engine down), then SIGKILL to any group or recorded descendant still
-alive when the grace period is over: no orphans. An expert process that dies is restarted
-with exponential backoff up to ``max_restarts``.
+Stop order: SIGTERM to the gateway first (it stops taking requests and lets its streams
+finish), then to the experts (each turns NOT_SERVING, drains and shuts its engine down), all
+within one grace period; SIGKILL to any group or recorded descendant still alive when it is
+over: no orphans. A process that dies is restarted with exponential backoff up to
+``max_restarts``; one that served and then answers no health check for
+``unresponsive_restart_s`` (hung, or SIGSTOPped) is killed and restarted the same way.
 """
 
 from __future__ import annotations
@@ -35,6 +37,9 @@ from expertmesh.services.expert.ipc_dir import remove_left_by
 log = logging.getLogger(__name__)
 HEALTH_POLL_S = 0.25
 BACKOFF_MAX_S = 30.0
+#: Health checks reconnect within a second: a child is polled from before it listens, and after
+#: restarts, and gRPC's default backoff (up to two minutes) would hide it that long.
+WATCH_CHANNEL_OPTIONS = [("grpc.initial_reconnect_backoff_ms", 200), ("grpc.max_reconnect_backoff_ms", 1000)]
 #: A process that ran this long before exiting starts its restart count (and backoff) afresh.
 STABLE_AFTER_S = 600.0
 
@@ -154,15 +159,30 @@ class Supervisor:
             self._tasks.append(asyncio.create_task(self._keep_alive(child)))
 
     async def _watch_health(self, child: Child) -> None:
-        """Report health transitions (STARTING -> NOT_SERVING -> SERVING) as they happen."""
-        async with grpc.aio.insecure_channel(child.address) as channel:
+        """Report health transitions (STARTING -> NOT_SERVING -> SERVING) as they happen; kill a
+        child that answered before and has stopped answering for ``unresponsive_restart_s``."""
+        limit = self.config.unresponsive_restart_s
+        async with grpc.aio.insecure_channel(child.address, options=WATCH_CHANNEL_OPTIONS) as channel:
             stub = health_pb2_grpc.HealthStub(channel)
+            answered_at: float | None = None
             while True:
                 try:
                     reply = await stub.Check(health_pb2.HealthCheckRequest(), timeout=1.0)
                     status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+                    answered_at = time.monotonic()
                 except grpc.aio.AioRpcError:
                     status = "STARTING" if child.ready_after_s is None else "UNREACHABLE"
+                    # Only a child that has served: one still starting may block its loop
+                    # for a while (imports, a preflight) and is not hung.
+                    served = child.ready_after_s is not None and answered_at is not None
+                    silent = time.monotonic() - answered_at if served and answered_at else 0.0
+                    if limit is not None and silent > limit and not self.stopping and _alive(child):
+                        self.report(
+                            f"{child.name}: no answer to health checks for {silent:.0f} s "
+                            f"(unresponsive_restart_s={limit:g}); killing it for a restart"
+                        )
+                        _kill_group(child)  # _keep_alive sees it exit and restarts it
+                        answered_at = None
                 if status != child.health and not self.stopping:
                     child.health = status
                     if status == "SERVING" and child.ready_after_s is None:
@@ -234,15 +254,17 @@ class Supervisor:
         self.stopping = True
         for task in self._tasks:
             task.cancel()
-        for child in self.children:
-            self._record_descendants(child)
-            _signal_group(child, signal.SIGTERM)
         deadline = time.monotonic() + self.config.grace_period_s
-        for child in self.children:
-            if child.proc is None:
-                continue
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(child.proc.wait(), max(deadline - time.monotonic(), 0.01))
+        # The gateway first: it stops taking requests while the experts still serve its streams.
+        for group in ([self.gateway], self.experts):
+            for child in group:
+                self._record_descendants(child)
+                _signal_group(child, signal.SIGTERM)
+            for child in group:
+                if child.proc is None:
+                    continue
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(child.proc.wait(), max(deadline - time.monotonic(), 0.01))
         for child in self.children:
             _kill_group(child)
             if child.proc is not None:
@@ -250,6 +272,10 @@ class Supervisor:
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(child.proc.wait(), 5)
             self.report(f"{child.name}: stopped (exit code {child.proc.returncode if child.proc else '-'})")
+
+
+def _alive(child: Child) -> bool:
+    return child.proc is not None and child.proc.returncode is None
 
 
 def _signal_group(child: Child, sig: int) -> None:

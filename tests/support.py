@@ -33,9 +33,9 @@ def demo_expert(expert_id: str, domain: str, model: str = "demo-general", **extr
 
 
 def write_config(path: Path, experts: list[dict[str, Any]], **mesh: Any) -> Path:
-    """Write a mesh config with a free gateway port; returns its path."""
+    """Write a mesh config with a free gateway port (``gateway`` adds settings); returns its path."""
     data = {
-        "gateway": {"host": "127.0.0.1", "port": free_port()},
+        "gateway": {"host": "127.0.0.1", "port": free_port(), **mesh.pop("gateway", {})},
         "grace_period_s": 15,
         **mesh,
         "experts": experts,

@@ -55,6 +55,7 @@ class ExpertHealth:
         task.add_done_callback(self._pending.discard)
 
     async def shutdown(self) -> None:
-        """NOT_SERVING everywhere from now on."""
+        """NOT_SERVING everywhere from now on; every health Watch stream ends."""
         self.shutting_down = True
         await self.apply()
+        await self.health.close()

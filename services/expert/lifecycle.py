@@ -86,6 +86,9 @@ class Lifecycle:
         self.max_model_len: int | None = cfg.max_model_len
         self.load_growth_bytes: int | None = None  # measured RSS growth of the last load
         self._last_used = time.monotonic()
+        #: the engine's last sign of life for the stall watchdog: an output, or a request
+        #: admitted while it held none
+        self.progress_at = time.monotonic()
         self._load_started = 0.0
         self._task: asyncio.Task[None] | None = None
         self._engine_procs: list[psutil.Process] = []  # the processes the engine started
@@ -166,6 +169,29 @@ class Lifecycle:
                 self.start_load()
             assert self._task is not None
             await asyncio.shield(self._task)  # a refused load raises its cause here
+
+    def stalled_for(self, now: float | None = None) -> float | None:
+        """Seconds the engine has held requests without any output, once past ``stall_timeout_s``."""
+        limit = self.cfg.stall_timeout_s
+        if limit is None or self.state != READY or self.engine is None:
+            return None
+        if not self.engine.get_num_unfinished_requests():
+            return None
+        quiet = (time.monotonic() if now is None else now) - self.progress_at
+        return quiet if quiet > limit else None
+
+    def fail_stalled(self, quiet_s: float) -> None:
+        """The engine stopped making progress: FAILED with that cause, and its processes killed,
+        so that every stream waiting on it ends at once (UNAVAILABLE, naming the stall)."""
+        waiting = self.engine.get_num_unfinished_requests() if self.engine is not None else 0
+        self.last_error = (
+            f"engine stalled: no output for {quiet_s:.1f} s with {waiting} requests waiting "
+            f"(stall_timeout_s={self.cfg.stall_timeout_s:g})"
+        )
+        self._set(FAILED)
+        for proc in self._engine_procs:
+            with contextlib.suppress(psutil.Error):
+                proc.kill()
 
     def check_engine(self) -> bool:
         """True once the loaded engine has died; the expert is then FAILED with the cause."""

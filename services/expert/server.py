@@ -13,9 +13,9 @@ import logging
 
 import grpc
 
-from expertmesh.config import ExpertConfig, MeshConfig
+from expertmesh.config import ExpertConfig, LimitsConfig, MeshConfig
 from expertmesh.errors import Unavailable
-from expertmesh.rpc import SERVER_OPTIONS, bind, stop_event_on_signals
+from expertmesh.rpc import bind, server_options, stop_event_on_signals
 from expertmesh.telemetry import Identity, start_telemetry, watch_expert
 from expertmesh.v1 import expertmesh_pb2_grpc as pb_grpc
 
@@ -38,6 +38,9 @@ async def _housekeeping(life: Lifecycle, stop: asyncio.Event) -> None:
     limit = life.cfg.idle_unload_after_s
     while True:
         await asyncio.sleep(HOUSEKEEPING_INTERVAL_S)
+        quiet = life.stalled_for()
+        if quiet is not None:
+            life.fail_stalled(quiet)
         if life.check_engine():
             log.error("expert %s: %s; stopping so that it is restarted", life.cfg.expert_id, life.last_error)
             stop.set()
@@ -77,8 +80,9 @@ async def serve(cfg: ExpertConfig, port: int, grace_s: float, mesh: MeshConfig |
         lambda: life.state,
         lambda: life.engine.get_num_unfinished_requests() if life.engine else 0,
     )
-    server = grpc.aio.server(options=SERVER_OPTIONS)
-    servicer = ExpertServicer(life, prompts)
+    limits = mesh.limits if mesh is not None else LimitsConfig()
+    server = grpc.aio.server(options=server_options(limits.max_message_bytes))
+    servicer = ExpertServicer(life, prompts, limits)
     pb_grpc.add_ExpertServicer_to_server(servicer, server)
     health = ExpertHealth(server, life)
     await health.apply()
@@ -103,7 +107,7 @@ async def serve(cfg: ExpertConfig, port: int, grace_s: float, mesh: MeshConfig |
     finally:
         keeper.cancel()
         warm.cancel()
-        await health.shutdown()
+        await health.shutdown()  # NOT_SERVING, and the health Watch streams end
         servicer.drain()  # the gateway's multiplexed calls end when their streams have
         # Nothing in flight can finish on a dead engine (its streams have already ended with
         # the cause), so a dead engine does not hold the restart for the whole grace period.

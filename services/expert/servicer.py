@@ -10,16 +10,18 @@ from typing import Any
 
 import grpc
 
+from expertmesh.config import LimitsConfig
 from expertmesh.errors import ResourceExhausted, Unavailable, grpc_errors
-from expertmesh.mux import Multiplexed
+from expertmesh.muxserve import Multiplexed
 from expertmesh.telemetry import expert_generate, trace_headers
 from expertmesh.v1 import expertmesh_pb2 as pb
 from expertmesh.v1 import expertmesh_pb2_grpc as pb_grpc
+from expertmesh.validation import check_request
 
 from .engine import tree_rss
 from .lifecycle import FAILED, READY, Lifecycle
 from .prompt import Prompts
-from .request import engine_prompt, fit_max_tokens, sampling_kwargs, sampling_params
+from .request import engine_prompt, fit_max_tokens, sampling_params
 from .stream import Chunker, stream_interval
 
 
@@ -61,14 +63,36 @@ def _admit(life: Lifecycle, engine: Any) -> None:
         )
 
 
+def _time_limit(
+    engine: Any, engine_request_id: str, sampling: pb.SamplingParams, chunker: Chunker
+) -> asyncio.TimerHandle | None:
+    """``sampling.time_limit_s``: abort the engine request when it is up; the stream then ends
+    normally, with what was generated and ``finish_reason: "time_limit"``."""
+    if not sampling.HasField("time_limit_s"):
+        return None
+
+    def expire() -> None:
+        chunker.time_limited = True
+        task = asyncio.ensure_future(engine.abort(engine_request_id))
+        _aborts.add(task)
+        task.add_done_callback(_aborts.discard)
+
+    return asyncio.get_running_loop().call_later(sampling.time_limit_s, expire)
+
+
+_aborts: set[asyncio.Future[None]] = set()
+
+
 class ExpertServicer(Multiplexed, pb_grpc.ExpertServicer):
     """Serves one expert. Requests are validated (and measured against the context) before the
     engine, or a lazy load, is involved; the engine only ever sees requests it can run.
     ``Multiplex`` (the gateway's link) runs each of its streams through ``Generate``."""
 
-    def __init__(self, life: Lifecycle, prompts: Prompts) -> None:
+    def __init__(self, life: Lifecycle, prompts: Prompts, limits: LimitsConfig | None = None) -> None:
         self.life = life
         self.prompts = prompts
+        self.link_limits = limits or LimitsConfig()
+        self.max_streams_per_link = life.cfg.max_streams_per_link
 
     @grpc_errors
     @expert_generate
@@ -76,7 +100,7 @@ class ExpertServicer(Multiplexed, pb_grpc.ExpertServicer):
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.GenerateResponse]:
         life = self.life
-        kwargs = sampling_kwargs(request.sampling)
+        kwargs = check_request(request, self.link_limits)  # sizes first: before tokenizing
         token_ids = await self.prompts.token_ids(request.prompt, request.messages)
         if life.max_model_len:  # known before any load when configured: fail without loading
             fit_max_tokens(len(token_ids), request.sampling, life.max_model_len)
@@ -87,6 +111,8 @@ class ExpertServicer(Multiplexed, pb_grpc.ExpertServicer):
             waited = 0.0 if was_ready else time.monotonic() - started
             assert life.max_model_len is not None  # known once loaded
             _admit(life, engine)
+            if not engine.get_num_unfinished_requests():
+                life.progress_at = time.monotonic()  # the stall watchdog counts from here
             max_tokens = fit_max_tokens(len(token_ids), request.sampling, life.max_model_len)
             interval = stream_interval(life.in_flight, life.cfg.stream_interval)
             if interval > 1:  # coalesce tokens into fewer messages while many streams run
@@ -103,8 +129,10 @@ class ExpertServicer(Multiplexed, pb_grpc.ExpertServicer):
                 engine_request_id,
                 trace_headers=trace_headers(engine),
             )
+            limit = _time_limit(engine, engine_request_id, request.sampling, chunker)
             try:
                 async for out in stream:
+                    life.progress_at = time.monotonic()
                     msg = chunker.chunk(out)
                     if waited:
                         msg.load_wait_seconds, waited = waited, 0.0
@@ -113,6 +141,9 @@ class ExpertServicer(Multiplexed, pb_grpc.ExpertServicer):
                 if life.check_engine():  # the engine died under this request: say whose and why
                     raise Unavailable(life.failure()) from e
                 raise
+            finally:
+                if limit is not None:
+                    limit.cancel()
 
     @grpc_errors
     async def Info(self, request: pb.InfoRequest, context: grpc.aio.ServicerContext) -> pb.InfoResponse:
