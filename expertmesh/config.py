@@ -68,6 +68,9 @@ class ExpertConfig(_Strict):
         default_factory=list,
         description="host:port of further replicas run elsewhere; the gateway balances over all of them.",
     )
+    local_replicas: int = Field(
+        default=1, ge=1, le=64, description="up runs this many processes of it here, on consecutive ports."
+    )
     load: Literal["eager", "lazy"] = Field(
         default="eager", description="eager: load at start; lazy: load on the first request."
     )
@@ -129,6 +132,9 @@ class DomainRules(_Strict):
     code: bool = Field(default=False, description="Prompts that contain code belong here.")
     non_english: bool = Field(default=False, description="Prompts not in English belong here.")
     examples: list[str] = Field(default_factory=list, description="Example prompts for the embedding signal.")
+    resume: Literal["same_model", "any", "off"] | None = Field(
+        default=None, description="This domain's routing.resume, when it differs from the mesh's."
+    )
 
     @field_validator("patterns")
     @classmethod
@@ -163,6 +169,18 @@ class RoutingConfig(_Strict):
         default="wait", description="A lazy expert that is not loaded: wait for it, or serve from a fallback."
     )
     load_wait_s: float = Field(default=300.0, gt=0, description="How long to wait for a lazy expert to load.")
+    resume: Literal["same_model", "any", "off"] = Field(
+        default="same_model",
+        description="A stream whose replica fails after its first tokens continues on another replica "
+        "of the same model (same_model), on any candidate (any, re-tokenized), or ends (off).",
+    )
+    max_resumes: int = Field(default=2, ge=0, description="Resumes of one stream at most.")
+    hedge_after_ms: float | None = Field(
+        default=None,
+        gt=0,
+        description="No first token after this long: a second attempt on another replica; the first "
+        "to answer is kept, the other cancelled. None = off.",
+    )
     first_token_timeout_s: float | None = Field(
         default=30.0,
         gt=0,
@@ -281,12 +299,12 @@ class MeshConfig(_Strict):
         dupes = sorted({i for i in ids if ids.count(i) > 1})
         if dupes:
             problems.append(f"duplicate expert_id: {', '.join(dupes)}")
-        ports = [p for p in (self.expert_port(i) for i in range(len(self.experts))) if p]
+        ports = [p for i in range(len(self.experts)) for p in self.replica_ports(i) if p]
         dupe_ports = sorted({p for p in ports if ports.count(p) > 1})
         if dupe_ports:
             problems.append(f"duplicate expert port: {', '.join(map(str, dupe_ports))}")
         for i, e in enumerate(self.experts):
-            if self.expert_port(i) == self.gateway.port and e.host in (
+            if self.gateway.port in self.replica_ports(i) and e.host in (
                 self.gateway.host,
                 "0.0.0.0",
                 "127.0.0.1",
@@ -329,17 +347,29 @@ class MeshConfig(_Strict):
         raise KeyError(expert_id)
 
     def expert_port(self, index: int) -> int:
-        """Listen port of the expert at ``index``: its own, else base port + index."""
+        """Listen port of the expert at ``index`` (its first local replica): its own, else the
+        base port plus the local replicas of the experts before it."""
         port = self.experts[index].port
-        return self.expert_base_port + index if port is None else port
+        if port is not None:
+            return port
+        return self.expert_base_port + sum(e.local_replicas for e in self.experts[:index])
 
-    def expert_address(self, index: int) -> str:
-        """The ``host:port`` the gateway dials for the expert at ``index``."""
+    def replica_ports(self, index: int) -> list[int]:
+        """The ports of the expert's local replicas (consecutive; [0] while port 0 = assigned)."""
+        first = self.expert_port(index)
+        return [first] if first == 0 else [first + r for r in range(self.experts[index].local_replicas)]
+
+    def expert_address(self, index: int, replica: int = 0) -> str:
+        """The ``host:port`` the gateway dials for the expert at ``index`` (its local ``replica``)."""
         e = self.experts[index]
-        if e.address:
+        if e.address and replica == 0:
             return e.address
         host = "127.0.0.1" if e.host in ("0.0.0.0", "::", "") else e.host
-        return f"{host}:{self.expert_port(index)}"
+        return f"{host}:{self.replica_ports(index)[replica]}"
+
+    def local_addresses(self, index: int) -> list[str]:
+        """Every local replica's address of the expert at ``index``."""
+        return [self.expert_address(index, r) for r in range(len(self.replica_ports(index)))]
 
 
 @dataclass(frozen=True)

@@ -87,15 +87,19 @@ class Supervisor:
         log_dir.mkdir(parents=True, exist_ok=True)
         py = [sys.executable, "-m"]
         cfg = ["--config", str(config_path)]
-        self.experts = [
-            Child(
-                e.expert_id,
-                [*py, "expertmesh.services.expert", *cfg, "--expert-id", e.expert_id],
-                config.expert_address(i),
-                log_dir / f"{e.expert_id}.log",
-            )
-            for i, e in enumerate(config.experts)
-        ]
+        self.experts = []
+        for i, e in enumerate(config.experts):
+            argv = [*py, "expertmesh.services.expert", *cfg, "--expert-id", e.expert_id]
+            for r, address in enumerate(config.local_addresses(i)):
+                # local_replicas: one process each, named and logged apart, restarted on its own
+                name, log_name = (
+                    (f"{e.expert_id}#{r}", f"{e.expert_id}-{r}")
+                    if e.local_replicas > 1
+                    else 2 * (e.expert_id,)
+                )
+                self.experts.append(
+                    Child(name, [*argv, "--replica", str(r)], address, log_dir / f"{log_name}.log")
+                )
         gw_host = "127.0.0.1" if config.gateway.host in ("0.0.0.0", "::") else config.gateway.host
         self.gateway = Child(
             "gateway",

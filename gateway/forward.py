@@ -14,8 +14,8 @@ outstanding requests. What an attempt's failure means is decided here, once:
 When every candidate failed, the caller gets the status they all agree on (every one full:
 RESOURCE_EXHAUSTED with retry pushback; every one refused the request: that refusal), else
 UNAVAILABLE with every attempt's outcome. The caller's deadline is DEADLINE_EXCEEDED wherever
-it hits. Once a message has been streamed, a failure ends the stream (UNAVAILABLE naming the
-expert and the cause), because replaying would duplicate text the caller already has.
+it hits. When the replica fails after the first message, the stream is resumed on another
+(:mod:`.resume`), or ends UNAVAILABLE naming the expert and the cause.
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ from expertmesh.errors import (
 from expertmesh.telemetry import Attempt, attempt_span, record_ejection
 from expertmesh.v1 import expertmesh_pb2 as pb
 
+from . import resume
 from .ejection import may_eject
 from .health import ExpertLink
 from .pool import Pool
@@ -70,6 +71,14 @@ def ordered_replicas(links: Sequence[ExpertLink], panic: bool = False) -> list[E
     return sorted((link for link in links if panic or link.available()), key=lambda link: link.outstanding)
 
 
+class MidStream(Exception):
+    """The replica failed after the caller had its first message (its own failure)."""
+
+    def __init__(self, link: ExpertLink, outcome: str) -> None:
+        super().__init__(outcome)
+        self.link, self.outcome = link, outcome
+
+
 def _expert_specific(error: grpc.aio.AioRpcError) -> bool:
     """A refusal that is this expert's (it cannot serve the request), not the request's."""
     if error.code() == grpc.StatusCode.UNIMPLEMENTED:
@@ -96,6 +105,9 @@ class Forwarder:
         self.context = context
         self.decision = route.decision()
         self.failures: list[tuple[grpc.StatusCode, str]] = []  # attempts that failed, and how
+        self.streamed = resume.Streamed()  # what the caller has had, should a resume need it
+        self.hedge_lost = False
+        self.keep_streamed = resume.policy(routing, route.domain) != "off" and routing.max_resumes > 0
 
     def _attempt(self, link: ExpertLink | ExpertConfig, outcome: str) -> None:
         address = link.address if isinstance(link, ExpertLink) else ""
@@ -152,7 +164,23 @@ class Forwarder:
         )
 
     async def stream(self) -> AsyncIterator[pb.GenerateResponse]:
-        """Stream the answer of the first replica that takes the request."""
+        """Stream the answer of the first replica that takes the request, resumed elsewhere if
+        that replica fails mid-stream (:mod:`.resume`)."""
+        try:
+            async for msg in self._first():
+                yield msg
+            return
+        except MidStream as cut:
+            fault = cut
+        while True:
+            try:
+                async for msg in self._resume(fault):
+                    yield msg
+                return
+            except MidStream as cut:
+                fault = cut
+
+    async def _first(self) -> AsyncIterator[pb.GenerateResponse]:
         experts = self.route.experts
         # Panic mode, as Envoy's: when no candidate looks available (health can lag, e.g. pings
         # answered late on an overloaded host), try them all rather than fail without trying.
@@ -174,16 +202,110 @@ class Forwarder:
                     self._attempt(link, "skipped: engine not loaded; loading it in the background")
                     break
                 sent = 0
-                with attempt_span(link.expert_id, link.address) as attempt:
-                    async for msg in self._try(link, expert, experts, cold, attempt):
-                        if sent == 0:
-                            msg.route.CopyFrom(self.decision)
-                            msg.route.expert_id, msg.route.address = link.expert_id, link.address
-                        sent += 1
-                        yield msg
+                hedge = None if cold else self._hedge_target(link, index)
+                attempts = self._attempt_at(link, expert, cold, self.request)
+                if hedge is not None:
+                    attempts = self._hedged(attempts, *hedge)
+                async for msg in attempts:
+                    sent += 1
+                    yield msg
                 if sent:
                     return
         raise self._final_error()
+
+    def _hedge_target(self, link: ExpertLink, index: int) -> tuple[ExpertConfig, ExpertLink] | None:
+        """With ``routing.hedge_after_ms``: the replica a hedge would go to (warm, available)."""
+        if self.routing.hedge_after_ms is None:
+            return None
+        for expert in self.route.experts[index:]:
+            for other in ordered_replicas(self.pool.replicas.get(expert.expert_id, [])):
+                if other is not link and (expert.load == "eager" or other.engine_ready):
+                    return expert, other
+        return None
+
+    async def _hedged(
+        self, primary: AsyncIterator[pb.GenerateResponse], expert: ExpertConfig, link: ExpertLink
+    ) -> AsyncIterator[pb.GenerateResponse]:
+        """``primary``, unless it sends nothing for ``hedge_after_ms``: then also ``link``, and
+        whichever sends its first message first goes on; the other is cancelled (its engine
+        request aborted)."""
+        assert self.routing.hedge_after_ms is not None
+        runners = {asyncio.ensure_future(anext(primary)): primary}
+        _, pending = await asyncio.wait(runners, timeout=self.routing.hedge_after_ms / 1000)
+        if pending:
+            second = self._attempt_at(link, expert, False, self.request)
+            runners[asyncio.ensure_future(anext(second))] = second
+        winner: AsyncIterator[pb.GenerateResponse] | None = None
+        first: pb.GenerateResponse | None = None
+        try:
+            while runners and winner is None:
+                done, _ = await asyncio.wait(runners, return_when=asyncio.FIRST_COMPLETED)
+                for task in done:
+                    attempt = runners.pop(task)
+                    if task.exception() is None:
+                        winner, first = attempt, task.result()
+                        break
+                    if not isinstance(task.exception(), StopAsyncIteration):
+                        raise task.exception()  # type: ignore[misc]  # the request's own failure
+        finally:
+            self.hedge_lost = True  # what the loser's attempt records as its outcome
+            for task, attempt in runners.items():  # the loser: cancelled, its request aborted
+                task.cancel()
+                with contextlib.suppress(BaseException):
+                    await task
+                await attempt.aclose()  # type: ignore[attr-defined]
+            self.hedge_lost = False
+        if winner is None or first is None:
+            return  # both failed before a message: the caller tries the next candidate
+        attempts = first.route.attempts  # the explanation as it is now, the loser included
+        del attempts[:]
+        attempts.extend(self.decision.attempts)
+        yield first
+        async for msg in winner:
+            yield msg
+
+    async def _resume(self, fault: MidStream) -> AsyncIterator[pb.GenerateResponse]:
+        """Go on after ``fault`` on the best resume target that takes it; else end UNAVAILABLE."""
+        mode = resume.policy(self.routing, self.route.domain)
+        ended = f"expert {fault.link.expert_id} at {fault.link.address} failed mid-stream: {fault.outcome}"
+        if mode == "off" or self._deadline_spent():
+            raise Unavailable(ended)
+        if len(self.decision.seams) >= self.routing.max_resumes:
+            raise Unavailable(f"{ended} (after {len(self.decision.seams)} resumes, routing.max_resumes)")
+        for expert, link, same_model in resume.targets(self.pool, self.route.experts, fault.link, mode):
+            self.decision.seams.add(
+                expert_id=fault.link.expert_id,
+                address=fault.link.address,
+                tokens_streamed=len(self.streamed.token_ids),
+                cause=fault.outcome,
+                resumed_expert_id=link.expert_id,
+                resumed_address=link.address,
+            )
+            request = self.streamed.continuation(self.request, same_model)
+            sent = 0
+            async for msg in self._attempt_at(link, expert, False, request):
+                msg.request_id = ""  # the caller had it with the first message
+                sent += 1
+                yield msg
+            if sent:
+                return
+            del self.decision.seams[-1]  # it did not take it (its attempt says why): the next may
+        raise Unavailable(f"{ended}; no replica to resume on ({mode})")
+
+    async def _attempt_at(
+        self, link: ExpertLink, expert: ExpertConfig, cold: bool, request: pb.GenerateRequest
+    ) -> AsyncIterator[pb.GenerateResponse]:
+        """One attempt, its span, and the route explanation on its first message."""
+        first = True
+        with attempt_span(link.expert_id, link.address) as attempt:
+            async for msg in self._try(link, expert, self.route.experts, cold, attempt, request):
+                if first:
+                    msg.route.CopyFrom(self.decision)
+                    msg.route.expert_id, msg.route.address = link.expert_id, link.address
+                    first = False
+                if self.keep_streamed:
+                    self.streamed.add(msg)
+                yield msg
 
     async def _try(
         self,
@@ -192,10 +314,12 @@ class Forwarder:
         experts: Sequence[ExpertConfig],
         cold: bool,
         attempt: Attempt,
+        request: pb.GenerateRequest,
     ) -> AsyncIterator[pb.GenerateResponse]:
-        """One attempt. Yields the expert's messages; returns quietly when another may be tried."""
+        """One attempt. Yields the expert's messages; returns quietly when another may be tried;
+        MidStream when the replica failed after its first message."""
         metadata = tuple((k, v) for k, v in self.context.invocation_metadata() or () if k in PASSTHROUGH)
-        call = link.mux.open(self.request, self._timeout(), attempt.metadata(metadata))
+        call = link.mux.open(request, self._timeout(), attempt.metadata(metadata))
         link.outstanding += 1
         sent = 0
         # A cold lazy expert loads first: wait for that as long as configured; a loaded one
@@ -215,7 +339,10 @@ class Forwarder:
             link.ejection.success()
             self._attempt(link, "ok (empty stream)")
         except (asyncio.CancelledError, GeneratorExit):
-            self._attempt(link, f"CANCELLED by the caller after {sent} messages")
+            if self.hedge_lost:
+                self._attempt(link, "cancelled: the hedge on another replica answered first")
+            else:
+                self._attempt(link, f"CANCELLED by the caller after {sent} messages")
             raise
         except TimeoutError:
             if cold:
@@ -240,9 +367,7 @@ class Forwarder:
             if code in REPLICA_FAULTS:
                 self._count_failure(link, experts, outcome)
                 if sent:
-                    raise Unavailable(
-                        f"expert {link.expert_id} at {link.address} failed mid-stream: {outcome}"
-                    ) from None
+                    raise MidStream(link, outcome) from None
             elif sent or not (code in ELSEWHERE or _expert_specific(e)):
                 # The request's (or its caller's) doing, e.g. a caller that did not read: as is.
                 link.ejection.success()

@@ -15,9 +15,10 @@ log = logging.getLogger(__name__)
 
 
 def replica_addresses(config: MeshConfig) -> dict[str, list[str]]:
-    """expert_id -> its addresses: the configured (or default) address, then ``replicas``."""
+    """expert_id -> its addresses: its local replicas' (the configured address first), then
+    ``replicas`` run elsewhere."""
     return {
-        e.expert_id: list(dict.fromkeys([config.expert_address(i), *e.replicas]))
+        e.expert_id: list(dict.fromkeys([*config.local_addresses(i), *e.replicas]))
         for i, e in enumerate(config.experts)
     }
 

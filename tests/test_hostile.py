@@ -315,6 +315,21 @@ async def test_neighbours_are_not_hurt_by_hostile_callers(mesh: Mesh) -> None:
     assert results[8] == ["RESOURCE_EXHAUSTED", "INVALID_ARGUMENT", "INVALID_ARGUMENT"]
 
 
+def _label(proc: psutil.Process) -> str:
+    """gateway, an expert's id, vLLM's process title, or the name."""
+    with contextlib.suppress(psutil.Error):
+        cmd = proc.cmdline()
+        if "expertmesh.gateway" in cmd:
+            return "gateway"
+        if "--expert-id" in cmd:
+            return cmd[cmd.index("--expert-id") + 1]
+        if cmd and cmd[0].startswith("VLLM::"):
+            return cmd[0].removeprefix("VLLM::")
+        if "up" in cmd:
+            return "up"
+    return proc.name()
+
+
 async def test_a_burst_of_1000_streams_is_shed_not_crashed_on(mesh: Mesh) -> None:
     procs = [psutil.Process(mesh.proc.pid), *psutil.Process(mesh.proc.pid).children(recursive=True)]
     peak: Counter[int] = Counter()
@@ -345,7 +360,7 @@ async def test_a_burst_of_1000_streams_is_shed_not_crashed_on(mesh: Mesh) -> Non
 
         await asyncio.gather(sample(), *(client(i) for i in range(1000)))
     table = "\n".join(f"  {code:20} {n}" for code, n in codes.most_common())
-    rss = ", ".join(f"{p.name()}[{p.pid}] {peak[p.pid] / MIB:.0f} MiB" for p in procs if peak[p.pid])
+    rss = ", ".join(f"{_label(p)} {peak[p.pid] / MIB:.0f} MiB" for p in procs if peak[p.pid])
     print(
         f"1000 concurrent streams for 10 s (gateway.max_concurrent_streams={MAX_CONCURRENT}):\n{table}\n{rss}"
     )

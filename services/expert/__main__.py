@@ -1,4 +1,4 @@
-"""``python -m expertmesh.services.expert --expert-id ID [--config FILE] [--port N]``."""
+"""``python -m expertmesh.services.expert --expert-id ID [--config FILE] [--port N] [--replica R]``."""
 
 from __future__ import annotations
 
@@ -19,6 +19,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", help="mesh config (env: EXPERTMESH_CONFIG, legacy VLLM_CONFIG_PATH)")
     parser.add_argument("--expert-id", required=True, help="which expert of the config to serve")
     parser.add_argument("--port", type=int, help="listen port (default: from the config)")
+    parser.add_argument(
+        "--replica", type=int, default=0, help="which of the expert's local_replicas (its port, metrics port)"
+    )
     args = parser.parse_args(argv)
     setup_logging()
     try:
@@ -30,8 +33,15 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError:
         print(f"error: expert {args.expert_id!r} is not in {source.path}", file=sys.stderr)
         return 2
-    port = config.expert_port(index) if args.port is None else args.port
-    code = loop.run(serve(config.experts[index], port, config.grace_period_s, config))
+    ports = config.replica_ports(index)
+    if not 0 <= args.replica < len(ports):
+        print(f"error: expert {args.expert_id!r} has {len(ports)} local replicas", file=sys.stderr)
+        return 2
+    port = ports[args.replica] if args.port is None else args.port
+    expert = config.experts[index]
+    if args.replica and expert.metrics_port is not None:
+        expert = expert.model_copy(update={"metrics_port": expert.metrics_port + args.replica})
+    code = loop.run(serve(expert, port, config.grace_period_s, config))
     # torch and vLLM leave millions of objects; collecting them at exit takes seconds of the
     # grace period for nothing. Frozen objects are skipped by the final collections.
     gc.freeze()

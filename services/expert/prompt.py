@@ -16,6 +16,7 @@ from expertmesh.errors import ExpertLimit, InvalidRequest, Unavailable, Unimplem
 from expertmesh.v1 import expertmesh_pb2 as pb
 
 from .engine import load_tokenizer
+from .resume import continuation, unsent_text
 
 #: Longer texts are tokenized in a thread so that one huge prompt does not stall other streams.
 INLINE_TOKENIZE_CHARS = 4096
@@ -71,6 +72,16 @@ class Prompts:
 
     async def token_ids(self, prompt: str, messages: Sequence[pb.Message]) -> list[int]:
         """The prompt's token ids exactly as the engine will get them."""
+        return (await self.prepare(prompt, messages))[0]
+
+    async def prepare(
+        self, prompt: str, messages: Sequence[pb.Message], resume: pb.Resume | None = None
+    ) -> tuple[list[int], list[int], str]:
+        """(the request prompt's token ids, the engine's prompt, text owed to the caller).
+
+        Without ``resume`` the two id lists are the same; with one (see :mod:`.resume`) the
+        engine's prompt goes on where the failed replica stopped.
+        """
         tokenizer = await self.tokenizer()
         text, special = render(prompt, messages, tokenizer, self.cfg.chat_template)
         if len(text) > INLINE_TOKENIZE_CHARS:
@@ -79,4 +90,11 @@ class Prompts:
             ids = tokenizer.encode(text, add_special_tokens=special)
         if not ids:
             raise InvalidRequest("the prompt is empty after tokenization")
-        return list(ids)
+        base = list(ids)
+        if resume is None or not (resume.token_ids or resume.text):
+            return base, base, ""
+        return (
+            base,
+            continuation(base, resume, tokenizer, text, special),
+            unsent_text(tokenizer, base, resume),
+        )

@@ -11,7 +11,7 @@ from typing import Any
 import grpc
 
 from expertmesh.config import LimitsConfig
-from expertmesh.errors import ResourceExhausted, Unavailable, grpc_errors
+from expertmesh.errors import InvalidRequest, ResourceExhausted, Unavailable, grpc_errors
 from expertmesh.muxserve import Multiplexed
 from expertmesh.telemetry import expert_generate, trace_headers
 from expertmesh.v1 import expertmesh_pb2 as pb
@@ -101,9 +101,10 @@ class ExpertServicer(Multiplexed, pb_grpc.ExpertServicer):
     ) -> AsyncIterator[pb.GenerateResponse]:
         life = self.life
         kwargs = check_request(request, self.link_limits)  # sizes first: before tokenizing
-        token_ids = await self.prompts.token_ids(request.prompt, request.messages)
+        resume = request.resume if request.HasField("resume") else None
+        base_ids, token_ids, owed = await self.prompts.prepare(request.prompt, request.messages, resume)
         if life.max_model_len:  # known before any load when configured: fail without loading
-            fit_max_tokens(len(token_ids), request.sampling, life.max_model_len)
+            fit_max_tokens(len(base_ids), request.sampling, life.max_model_len)
         request_id = request.request_id or uuid.uuid4().hex
         with life.use():
             was_ready, started = life.state == READY, time.monotonic()
@@ -113,12 +114,17 @@ class ExpertServicer(Multiplexed, pb_grpc.ExpertServicer):
             _admit(life, engine)
             if not engine.get_num_unfinished_requests():
                 life.progress_at = time.monotonic()  # the stall watchdog counts from here
-            max_tokens = fit_max_tokens(len(token_ids), request.sampling, life.max_model_len)
+            # A continuation gets what the whole request would have had, less what was streamed.
+            done = resume.completion_tokens if resume is not None else 0
+            max_tokens = fit_max_tokens(len(base_ids), request.sampling, life.max_model_len) - done
+            if max_tokens <= 0:
+                raise InvalidRequest(f"resume.completion_tokens is {done}: nothing is left to generate")
             interval = stream_interval(life.in_flight, life.cfg.stream_interval)
             if interval > 1:  # coalesce tokens into fewer messages while many streams run
                 kwargs = {**kwargs, "stream_interval": interval}
             params = sampling_params(kwargs, max_tokens)
-            chunker = Chunker(life.cfg.expert_id, request_id, len(token_ids), kwargs.get("logprobs"))
+            chunker = Chunker(life.cfg.expert_id, request_id, len(base_ids), kwargs.get("logprobs"))
+            chunker.completion_tokens = done
             # The engine's id is unique even when a caller reuses request_id for concurrent calls.
             engine_request_id = f"{request_id}-{uuid.uuid4().hex[:8]}"
             # Cancelling this handler (client cancel, deadline, shutdown) raises CancelledError
@@ -134,6 +140,8 @@ class ExpertServicer(Multiplexed, pb_grpc.ExpertServicer):
                 async for out in stream:
                     life.progress_at = time.monotonic()
                     msg = chunker.chunk(out)
+                    if owed:  # what the failed replica had not sent yet leads the stream
+                        msg.text, owed = owed + msg.text, ""
                     if waited:
                         msg.load_wait_seconds, waited = waited, 0.0
                     yield msg
