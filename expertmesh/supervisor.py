@@ -228,7 +228,9 @@ class Supervisor:
                     child.gave_up += f"; last error: {child.last_error()}"
                 self.report(f"{child.name}: giving up ({child.gave_up})")
                 return
-            delay = min(2.0**child.restarts, BACKOFF_MAX_S)
+            # The first restart at once (a gateway or expert that was killed is back sooner),
+            # then 1, 2, 4, ... s: a crash loop does not spin.
+            delay = 0.0 if child.restarts == 0 else min(2.0 ** (child.restarts - 1), BACKOFF_MAX_S)
             child.restarts += 1
             self.report(f"{child.name}: restart {child.restarts}/{self.config.max_restarts} in {delay:.0f} s")
             await asyncio.sleep(delay)
