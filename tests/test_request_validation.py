@@ -10,7 +10,12 @@ import pytest
 
 from expertmesh.errors import MeshError, status_for
 from expertmesh.services.expert.prompt import render
-from expertmesh.services.expert.request import fit_max_tokens, sampling_kwargs, sampling_params
+from expertmesh.services.expert.request import (
+    DEFAULT_MAX_TOKENS,
+    fit_max_tokens,
+    sampling_kwargs,
+    sampling_params,
+)
 from expertmesh.v1 import expertmesh_pb2 as pb
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
@@ -56,7 +61,7 @@ def test_good_sampling_fields_reach_vllm() -> None:
 
 def test_context_fit() -> None:
     unset = pb.SamplingParams()
-    assert fit_max_tokens(10, unset, 1024) == 64
+    assert fit_max_tokens(10, unset, 1024) == DEFAULT_MAX_TOKENS
     assert fit_max_tokens(1000, unset, 1024) == 24  # the default shrinks to what fits
     assert fit_max_tokens(10, pb.SamplingParams(max_tokens=1014), 1024) == 1014
     cases = [

@@ -13,7 +13,10 @@ from typing import Any
 from expertmesh.errors import InvalidRequest
 from expertmesh.v1 import expertmesh_pb2 as pb
 
-DEFAULT_MAX_TOKENS = 64
+#: max_tokens when neither the request nor the model's generation_config sets it: room for an
+#: ordinary answer (a few paragraphs, a function: 100-400 tokens) with a bound, so that a
+#: forgotten limit cannot keep a stream (and its buffered tokens) busy up to max_model_len.
+DEFAULT_MAX_TOKENS = 512
 MAX_STOP_STRINGS = 16
 MAX_STOP_LENGTH = 256
 #: vLLM's default ``max_logprobs``; asking for more fails in the engine.
@@ -61,8 +64,11 @@ def sampling_kwargs(sampling: pb.SamplingParams) -> dict[str, Any]:
     return kwargs
 
 
-def fit_max_tokens(prompt_tokens: int, sampling: pb.SamplingParams, max_model_len: int) -> int:
-    """The max_tokens to use: the requested one if prompt + output fit the context, else an error."""
+def fit_max_tokens(
+    prompt_tokens: int, sampling: pb.SamplingParams, max_model_len: int, default: int = DEFAULT_MAX_TOKENS
+) -> int:
+    """The max_tokens to use: the requested one if prompt + output fit the context, else an error;
+    unset, ``default`` cut to the room the context leaves."""
     if prompt_tokens > max_model_len:
         raise InvalidRequest(
             f"prompt has {prompt_tokens} tokens; this expert's max_model_len is {max_model_len}"
@@ -74,7 +80,7 @@ def fit_max_tokens(prompt_tokens: int, sampling: pb.SamplingParams, max_model_le
             f"which leaves no room for output"
         )
     if not sampling.HasField("max_tokens"):
-        return min(DEFAULT_MAX_TOKENS, room)
+        return min(default, room)
     if sampling.max_tokens > room:
         raise InvalidRequest(
             f"sampling.max_tokens is {sampling.max_tokens}, but the prompt has {prompt_tokens} tokens and "

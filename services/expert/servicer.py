@@ -20,6 +20,7 @@ from .engine import tree_rss
 from .lifecycle import FAILED, READY, Lifecycle
 from .prompt import Prompts
 from .request import engine_prompt, fit_max_tokens, sampling_kwargs, sampling_params
+from .sampling_defaults import SamplingDefaults, default_max_tokens, with_defaults
 from .stream import Chunker, stream_interval
 
 
@@ -69,6 +70,7 @@ class ExpertServicer(Multiplexed, pb_grpc.ExpertServicer):
     def __init__(self, life: Lifecycle, prompts: Prompts) -> None:
         self.life = life
         self.prompts = prompts
+        self.defaults = SamplingDefaults()
 
     @grpc_errors
     @expert_generate
@@ -87,7 +89,11 @@ class ExpertServicer(Multiplexed, pb_grpc.ExpertServicer):
             waited = 0.0 if was_ready else time.monotonic() - started
             assert life.max_model_len is not None  # known once loaded
             _admit(life, engine)
-            max_tokens = fit_max_tokens(len(token_ids), request.sampling, life.max_model_len)
+            defaults = self.defaults.of(engine)  # the model's generation_config, under the request's
+            kwargs = with_defaults(kwargs, defaults)
+            max_tokens = fit_max_tokens(
+                len(token_ids), request.sampling, life.max_model_len, default_max_tokens(defaults)
+            )
             interval = stream_interval(life.in_flight, life.cfg.stream_interval)
             if interval > 1:  # coalesce tokens into fewer messages while many streams run
                 kwargs = {**kwargs, "stream_interval": interval}
