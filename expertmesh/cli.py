@@ -60,13 +60,13 @@ async def _up(config: MeshConfig, config_path: Path, log_dir: Path, exit_on_fail
         await asyncio.wait({settled, stopped}, return_when=asyncio.FIRST_COMPLETED)
         settled.cancel()
         if not stop.is_set():
-            _say(_settled_line(sup))
             if exit_on_failure and sup.failures():
+                _say(_settled_line(sup))
                 _say("stopping: some experts failed (--exit-on-failure)")
                 code = 1
                 stop.set()
             else:
-                _say("Ctrl-C to stop")
+                _say(f"{_settled_line(sup)}; Ctrl-C to stop")
         await stop.wait()
         _say("stopping ...")
     finally:

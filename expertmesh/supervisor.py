@@ -261,9 +261,17 @@ class Supervisor:
             await asyncio.sleep(HEALTH_POLL_S)
         return False
 
+    def settled(self) -> bool:
+        """Every expert SERVING, FAILED or given up (see :attr:`Child.settled`), and the gateway
+        SERVING, or answering NOT_SERVING because no expert serves."""
+        if not all(c.settled for c in self.experts):
+            return False
+        none_serving = not any(c.health == "SERVING" for c in self.experts)
+        return self.gateway.settled or (none_serving and self.gateway.health == "NOT_SERVING")
+
     async def wait_settled(self) -> None:
-        """Wait until every process is SERVING, FAILED or given up (see :attr:`Child.settled`)."""
-        while not all(c.settled for c in self.children):
+        """Wait until :meth:`settled`: nothing more will happen without an operator."""
+        while not self.settled():
             await asyncio.sleep(HEALTH_POLL_S)
 
     def failures(self) -> list[Child]:
