@@ -162,13 +162,14 @@ def build_real_model(out_dir: Path) -> Path:
 
     src = real_model_source()
     tokenizer = AutoTokenizer.from_pretrained(src.parent, gguf_file=src.name)
-    model = AutoModelForCausalLM.from_pretrained(src.parent, gguf_file=src.name, dtype=torch.bfloat16)
+    # Dequantized in float32 (transformers' GGUF kernels compute in it), stored as bfloat16.
+    model = AutoModelForCausalLM.from_pretrained(src.parent, gguf_file=src.name, dtype=torch.float32)
     tmp = out_dir.with_name(out_dir.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     tied = bool(getattr(model.config, "tie_word_embeddings", False))
     state = {
-        name: tensor.contiguous()
+        name: tensor.to(torch.bfloat16).contiguous()
         for name, tensor in model.state_dict().items()
         if not (tied and name == "lm_head.weight")
     }
@@ -176,7 +177,7 @@ def build_real_model(out_dir: Path) -> Path:
     config = model.config.to_dict()
     config.pop("quantization_config", None)
     config["architectures"] = [type(model).__name__]  # vLLM picks its model class by this
-    config["torch_dtype"] = "bfloat16"
+    config["dtype"] = config["torch_dtype"] = "bfloat16"  # as stored (older readers want torch_dtype)
     (tmp / "config.json").write_text(json.dumps(config, indent=2))
     generation = {
         "bos_token_id": tokenizer.bos_token_id,

