@@ -113,6 +113,15 @@ def test_prompt_and_messages() -> None:
         assert status_for(err.value) == (code, message)
 
 
+def test_an_experts_system_prompt_goes_first_unless_the_request_has_one() -> None:
+    tok, system = _Tokenizer(), "you write code"
+    user = [pb.Message(role="user", content="hi")]
+    assert render("", user, tok, None, system) == ("<system>you write code<user>hi", False)
+    own = [pb.Message(role="system", content="be brief"), *user]
+    assert render("", own, tok, None, system) == ("<system>be brief<user>hi", False)
+    assert render("hi", [], tok, None, system) == ("hi", True)  # a raw prompt is left as it is
+
+
 def test_model_without_chat_template_is_unimplemented() -> None:
     tok = _Tokenizer()
     tok.chat_template = ""
