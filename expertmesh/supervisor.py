@@ -5,6 +5,10 @@ worker processes too, but in the supervisor's session: with the kernel's autogro
 a session is a scheduling group, and an expert in a session of its own was starved by its own
 engine processes (on 2 cores: half the throughput, streams stalled up to a second).
 
+An expert whose model fails to load stays up in state FAILED (its process keeps answering
+Info with the cause); the supervisor reads that cause as soon as the expert reports it and
+says it, so that a failed load is never silent.
+
 Stop order: SIGTERM to the gateway first (it stops taking requests and lets its streams
 finish), then to the experts (each turns NOT_SERVING, drains and shuts its engine down), all
 within one grace period; SIGKILL to any group or recorded descendant still alive when it is
@@ -33,9 +37,14 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from expertmesh.config import MeshConfig
 from expertmesh.logs import log_tail
 from expertmesh.services.expert.ipc_dir import remove_left_by
+from expertmesh.v1 import expertmesh_pb2 as pb
+from expertmesh.v1 import expertmesh_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 HEALTH_POLL_S = 0.25
+#: Health checks in a row past their 1 s deadline before a process that answered before is
+#: reported unreachable: on a small host an engine that loads keeps its server slow to answer.
+LATE_CHECKS = 5
 BACKOFF_MAX_S = 30.0
 #: Health checks reconnect within a second: a child is polled from before it listens, and after
 #: restarts, and gRPC's default backoff (up to two minutes) would hide it that long.
@@ -58,11 +67,19 @@ class Child:
     ready_after_s: float | None = None
     restarts: int = 0
     gave_up: str = ""
+    is_expert: bool = False
+    #: An expert's load failure, as its Info reports it (state FAILED, last_error).
+    failure: str = ""
     descendants: dict[int, psutil.Process] = field(default_factory=dict)
 
     def tail(self, lines: int = 15) -> str:
         """The last lines of this child's log, to show why it failed."""
         return log_tail(self.log_path, lines)
+
+    @property
+    def settled(self) -> bool:
+        """SERVING, FAILED, or given up: nothing more will happen without an operator."""
+        return self.health == "SERVING" or bool(self.failure or self.gave_up)
 
     def last_error(self) -> str:
         """The last line of the log that reports an error: the likely reason it exited."""
@@ -98,7 +115,13 @@ class Supervisor:
                     else 2 * (e.expert_id,)
                 )
                 self.experts.append(
-                    Child(name, [*argv, "--replica", str(r)], address, log_dir / f"{log_name}.log")
+                    Child(
+                        name,
+                        [*argv, "--replica", str(r)],
+                        address,
+                        log_dir / f"{log_name}.log",
+                        is_expert=True,
+                    )
                 )
         gw_host = "127.0.0.1" if config.gateway.host in ("0.0.0.0", "::") else config.gateway.host
         self.gateway = Child(
@@ -125,6 +148,7 @@ class Supervisor:
         child.started_at = time.monotonic()
         child.health = "STARTING"
         child.ready_after_s = None
+        child.failure = ""
         self.report(f"{child.name}: started (pid {child.proc.pid}, log {child.log_path})")
 
     async def preflight(self) -> int:
@@ -168,14 +192,21 @@ class Supervisor:
         limit = self.config.unresponsive_restart_s
         async with grpc.aio.insecure_channel(child.address, options=WATCH_CHANNEL_OPTIONS) as channel:
             stub = health_pb2_grpc.HealthStub(channel)
+            expert = pb_grpc.ExpertStub(channel)
+            late = 0  # health checks in a row that ran past their deadline
             answered_at: float | None = None
             while True:
                 try:
                     reply = await stub.Check(health_pb2.HealthCheckRequest(), timeout=1.0)
                     status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+                    late = 0
                     answered_at = time.monotonic()
-                except grpc.aio.AioRpcError:
-                    status = "STARTING" if child.ready_after_s is None else "UNREACHABLE"
+                except grpc.aio.AioRpcError as e:
+                    late = late + 1 if e.code() == grpc.StatusCode.DEADLINE_EXCEEDED else 0
+                    if 0 < late < LATE_CHECKS and child.health not in ("STARTING", "EXITED"):
+                        status = child.health  # slow to answer while an engine loads: not a change
+                    else:
+                        status = "STARTING" if child.ready_after_s is None else "UNREACHABLE"
                     # Only a child that has served: one still starting may block its loop
                     # for a while (imports, a preflight) and is not hung.
                     served = child.ready_after_s is not None and answered_at is not None
@@ -199,7 +230,19 @@ class Supervisor:
                         self.report(f"{child.name}: listening at {child.address}, loading (NOT_SERVING)")
                     else:
                         self.report(f"{child.name}: {status}")
+                if child.is_expert and status == "NOT_SERVING" and not child.failure and not self.stopping:
+                    await self._read_failure(child, expert)
                 await asyncio.sleep(HEALTH_POLL_S)
+
+    async def _read_failure(self, child: Child, expert: pb_grpc.ExpertStub) -> None:
+        """Report a NOT_SERVING expert's load failure (Info: FAILED + last_error) once it is known."""
+        try:
+            info = await expert.Info(pb.InfoRequest(), timeout=1.0)
+        except grpc.aio.AioRpcError:
+            return  # not answering yet (or gone: _keep_alive reports an exit with its log tail)
+        if info.state == pb.EXPERT_STATE_FAILED:
+            child.failure = info.last_error or f"no cause reported; last log lines:\n{child.tail()}"
+            self.report(f"{child.name}: FAILED: {child.failure}")
 
     def _record_descendants(self, child: Child) -> None:
         # Remembered so that a descendant that left the process group is still stopped.
@@ -248,6 +291,23 @@ class Supervisor:
                 return False
             await asyncio.sleep(HEALTH_POLL_S)
         return False
+
+    def settled(self) -> bool:
+        """Every expert SERVING, FAILED or given up (see :attr:`Child.settled`), and the gateway
+        SERVING, or answering NOT_SERVING because no expert serves."""
+        if not all(c.settled for c in self.experts):
+            return False
+        none_serving = not any(c.health == "SERVING" for c in self.experts)
+        return self.gateway.settled or (none_serving and self.gateway.health == "NOT_SERVING")
+
+    async def wait_settled(self) -> None:
+        """Wait until :meth:`settled`: nothing more will happen without an operator."""
+        while not self.settled():
+            await asyncio.sleep(HEALTH_POLL_S)
+
+    def failures(self) -> list[Child]:
+        """The processes that failed for good: experts FAILED, processes given up on."""
+        return [c for c in self.children if c.failure or c.gave_up]
 
     def reload(self) -> None:
         """Ask the gateway to re-read the config file (it validates before applying)."""

@@ -226,7 +226,7 @@ def test_every_problem_of_one_error_becomes_a_finding(tmp_path: Path) -> None:
 def test_missing_model_folder(tmp_path: Path) -> None:
     findings = check_expert(expert(tmp_path / "absent"), device=cpu_host())
     f = find(findings, "model-missing")
-    assert f.severity == "error" and "huggingface-cli download" in f.fix and str(tmp_path / "absent") in f.fix
+    assert f.severity == "error" and "hf download" in f.fix and str(tmp_path / "absent") in f.fix
 
 
 def test_model_path_that_is_a_file_or_a_hub_id(tmp_path: Path) -> None:

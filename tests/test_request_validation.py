@@ -11,7 +11,7 @@ import pytest
 from expertmesh.config import LimitsConfig
 from expertmesh.errors import EXPERT_LIMIT, REASON_KEY, MeshError, status_for, trailers_for
 from expertmesh.services.expert.prompt import render
-from expertmesh.services.expert.request import fit_max_tokens, sampling_params
+from expertmesh.services.expert.request import DEFAULT_MAX_TOKENS, fit_max_tokens, sampling_params
 from expertmesh.v1 import expertmesh_pb2 as pb
 from expertmesh.validation import check_request, quote, sampling_kwargs
 
@@ -62,7 +62,7 @@ def test_good_sampling_fields_reach_vllm() -> None:
 
 def test_context_fit() -> None:
     unset = pb.SamplingParams()
-    assert fit_max_tokens(10, unset, 1024) == 64
+    assert fit_max_tokens(10, unset, 1024) == DEFAULT_MAX_TOKENS
     assert fit_max_tokens(1000, unset, 1024) == 24  # the default shrinks to what fits
     assert fit_max_tokens(10, pb.SamplingParams(max_tokens=1014), 1024) == 1014
     cases = [
@@ -161,6 +161,15 @@ def test_prompt_and_messages() -> None:
     turns = [pb.Message(role="system", content="be brief"), pb.Message(role="user", content="hi")]
     assert render("", turns, tok, None) == ("<system>be brief<user>hi", False)
     assert render("", turns, tok, "{{ messages | length }}") == ("2", False)
+
+
+def test_an_experts_system_prompt_goes_first_unless_the_request_has_one() -> None:
+    tok, system = _Tokenizer(), "you write code"
+    user = [pb.Message(role="user", content="hi")]
+    assert render("", user, tok, None, system) == ("<system>you write code<user>hi", False)
+    own = [pb.Message(role="system", content="be brief"), *user]
+    assert render("", own, tok, None, system) == ("<system>be brief<user>hi", False)
+    assert render("hi", [], tok, None, system) == ("hi", True)  # a raw prompt is left as it is
 
 
 def test_model_without_chat_template_is_unimplemented() -> None:

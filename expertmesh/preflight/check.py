@@ -10,9 +10,8 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any, TypeVar
 
-from rich.console import Console
-
 from expertmesh.config import ExpertConfig, MeshConfig
+from expertmesh.console import console
 from expertmesh.preflight.architecture import check_architecture
 from expertmesh.preflight.config_checks import load_for_check
 from expertmesh.preflight.cpu_backend import check_cpu_backend
@@ -168,7 +167,7 @@ def main_check(config: str | None, *, as_json: bool = False, device: DeviceFacts
     if as_json:
         print(json.dumps(results_to_json(results, extra=extra), indent=2))
     else:
-        render_findings(results, Console(), labels=labels)
+        render_findings(results, console(), labels=labels)
     failed = any(has_errors(fs) for fs in results.values())
     if failed and not as_json:
         print("preflight found errors: experts with errors would not start", file=sys.stderr)

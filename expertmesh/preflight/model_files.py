@@ -49,15 +49,14 @@ def _local_folder(cfg: ExpertConfig) -> tuple[Path | None, list[Finding]]:
                 "model-not-local",
                 f"model_path {given!r} is not a local folder and not in the hub cache: vLLM would download "
                 "it at start, so its files cannot be checked now",
-                f"download it first (huggingface-cli download {given} --local-dir DIR) and set "
-                "model_path: DIR",
+                f"download it first (hf download {given} --local-dir DIR) and set model_path: DIR",
             )
         ]
     return None, [
         error(
             "model-missing",
             f"model folder {given} does not exist",
-            f"download the model into {given} (e.g. huggingface-cli download ORG/NAME --local-dir {given}) "
+            f"download the model into {given} (e.g. hf download ORG/NAME --local-dir {given}) "
             "or correct model_path",
         )
     ]

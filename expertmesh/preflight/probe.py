@@ -16,11 +16,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
-from rich.console import Console
 from rich.table import Table
 
 from expertmesh.client import MeshClient
 from expertmesh.config import MeshConfig, load_resolved
+from expertmesh.console import console
 from expertmesh.preflight.check import check_mesh
 from expertmesh.preflight.findings import MESH_KEY, Finding
 from expertmesh.supervisor import Supervisor
@@ -168,7 +168,7 @@ def main_probe(config: str | None, requests: int = 5) -> int:
     log_dir = Path(tempfile.mkdtemp(prefix="expertmesh-probe-"))
     _say(f"logs in {log_dir}")
     probes = asyncio.run(probe_mesh(mesh_config, source.path, max(requests, 1), log_dir))
-    Console().print(probe_table(probes))
+    console().print(probe_table(probes))
     print(
         f"ready s: process start to SERVING (an eager expert's load); first TTFT: the first request "
         f"(includes a lazy expert's load); warm: {requests} more request(s) of {MAX_TOKENS} tokens",

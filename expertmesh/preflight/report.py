@@ -9,14 +9,21 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from expertmesh.console import console as plain_or_terminal
 from expertmesh.preflight.findings import CONFIG_KEY, MESH_KEY, Finding, count, sort_findings
 
 SEVERITY_STYLE = {"error": "bold red", "warning": "yellow", "info": "dim"}
 
 
-def findings_table(title: str, findings: Sequence[Finding], *, show_info: bool = True) -> Table:
-    """One expert's findings as a table: severity, code, cause, fix (errors first)."""
-    table = Table(title=title, title_justify="left", show_lines=True, expand=True)
+def findings_table(
+    title: str, findings: Sequence[Finding], *, show_info: bool = True, expand: bool = True
+) -> Table:
+    """One expert's findings as a table: severity, code, cause, fix (errors first).
+
+    ``expand`` fits it to a terminal's width (long causes wrap in their cells); without it,
+    every row is one line as long as its text, for logs and CI.
+    """
+    table = Table(title=title, title_justify="left", show_lines=True, expand=expand)
     table.add_column("severity", no_wrap=True)
     table.add_column("code", no_wrap=True)
     table.add_column("cause", ratio=3)
@@ -46,14 +53,15 @@ def render_findings(
     show_info: bool = True,
 ) -> None:
     """Print ``check_mesh``'s result: one table per expert (and for the config / mesh when needed)."""
-    console = console or Console()
+    console = console or plain_or_terminal()
     labels = labels or {}
     for key, findings in results.items():
         if key in (CONFIG_KEY, MESH_KEY) and not any(f.severity != "info" for f in findings):
             for f in findings:  # the config path line and mesh facts need no table when all is well
                 console.print(Text(f.cause, style="dim"))
             continue
-        console.print(findings_table(_title(key, findings, labels), findings, show_info=show_info))
+        title = _title(key, findings, labels)
+        console.print(findings_table(title, findings, show_info=show_info, expand=console.is_terminal))
     errors, warnings = count(results, "error"), count(results, "warning")
     style = "bold red" if errors else ("yellow" if warnings else "bold green")
     console.print(Text(f"{errors} error(s), {warnings} warning(s)", style=style))

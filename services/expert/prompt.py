@@ -23,12 +23,17 @@ INLINE_TOKENIZE_CHARS = 4096
 
 
 def render(
-    prompt: str, messages: Sequence[pb.Message], tokenizer: Any, chat_template: str | None
+    prompt: str,
+    messages: Sequence[pb.Message],
+    tokenizer: Any,
+    chat_template: str | None,
+    system_prompt: str | None = None,
 ) -> tuple[str, bool]:
     """The text to tokenize, and whether the tokenizer should add its special tokens (BOS).
 
     A raw prompt gets them; a chat rendering does not, since the template writes them itself
-    (as vLLM's own chat endpoint does).
+    (as vLLM's own chat endpoint does). ``system_prompt`` (the expert's own, e.g. a code
+    expert's "you write code") goes first when the messages bring no system turn.
     """
     if prompt:
         return prompt, True
@@ -39,6 +44,8 @@ def render(
             "send a raw prompt, or configure chat_template for this expert"
         )
     turns = [{"role": m.role, "content": m.content} for m in messages]
+    if system_prompt and not any(m.role == "system" for m in messages):
+        turns.insert(0, {"role": "system", "content": system_prompt})
     try:
         text = tokenizer.apply_chat_template(
             turns, tokenize=False, add_generation_prompt=True, chat_template=template
@@ -83,7 +90,7 @@ class Prompts:
         engine's prompt goes on where the failed replica stopped.
         """
         tokenizer = await self.tokenizer()
-        text, special = render(prompt, messages, tokenizer, self.cfg.chat_template)
+        text, special = render(prompt, messages, tokenizer, self.cfg.chat_template, self.cfg.system_prompt)
         if len(text) > INLINE_TOKENIZE_CHARS:
             ids = await asyncio.to_thread(tokenizer.encode, text, add_special_tokens=special)
         else:

@@ -12,11 +12,17 @@ from typing import Any
 from expertmesh.errors import ExpertLimit
 from expertmesh.v1 import expertmesh_pb2 as pb
 
-DEFAULT_MAX_TOKENS = 64
+#: max_tokens when neither the request nor the model's generation_config sets it: room for an
+#: ordinary answer (a few paragraphs, a function: 100-400 tokens) with a bound, so that a
+#: forgotten limit cannot keep a stream (and its buffered tokens) busy up to max_model_len.
+DEFAULT_MAX_TOKENS = 512
 
 
-def fit_max_tokens(prompt_tokens: int, sampling: pb.SamplingParams, max_model_len: int) -> int:
-    """The max_tokens to use: the requested one if prompt + output fit the context, else an error."""
+def fit_max_tokens(
+    prompt_tokens: int, sampling: pb.SamplingParams, max_model_len: int, default: int = DEFAULT_MAX_TOKENS
+) -> int:
+    """The max_tokens to use: the requested one if prompt + output fit the context, else an error;
+    unset, ``default`` cut to the room the context leaves."""
     if prompt_tokens > max_model_len:
         raise ExpertLimit(
             f"prompt has {prompt_tokens} tokens; this expert's max_model_len is {max_model_len}"
@@ -28,7 +34,7 @@ def fit_max_tokens(prompt_tokens: int, sampling: pb.SamplingParams, max_model_le
             f"which leaves no room for output"
         )
     if not sampling.HasField("max_tokens"):
-        return min(DEFAULT_MAX_TOKENS, room)
+        return min(default, room)
     if sampling.max_tokens > room:
         raise ExpertLimit(
             f"sampling.max_tokens is {sampling.max_tokens}, but the prompt has {prompt_tokens} tokens and "

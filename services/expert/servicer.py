@@ -22,6 +22,7 @@ from .engine import tree_rss
 from .lifecycle import FAILED, READY, Lifecycle
 from .prompt import Prompts
 from .request import engine_prompt, fit_max_tokens, sampling_params
+from .sampling_defaults import SamplingDefaults, default_max_tokens, with_defaults
 from .stream import Chunker, stream_interval
 
 
@@ -93,6 +94,7 @@ class ExpertServicer(Multiplexed, pb_grpc.ExpertServicer):
         self.prompts = prompts
         self.link_limits = limits or LimitsConfig()
         self.max_streams_per_link = life.cfg.max_streams_per_link
+        self.defaults = SamplingDefaults()
 
     @grpc_errors
     @expert_generate
@@ -114,9 +116,14 @@ class ExpertServicer(Multiplexed, pb_grpc.ExpertServicer):
             _admit(life, engine)
             if not engine.get_num_unfinished_requests():
                 life.progress_at = time.monotonic()  # the stall watchdog counts from here
+            defaults = self.defaults.of(engine)  # the model's generation_config, under the request's
+            kwargs = with_defaults(kwargs, defaults)
             # A continuation gets what the whole request would have had, less what was streamed.
             done = resume.completion_tokens if resume is not None else 0
-            max_tokens = fit_max_tokens(len(base_ids), request.sampling, life.max_model_len) - done
+            room = fit_max_tokens(
+                len(base_ids), request.sampling, life.max_model_len, default_max_tokens(defaults)
+            )
+            max_tokens = room - done
             if max_tokens <= 0:
                 raise InvalidRequest(f"resume.completion_tokens is {done}: nothing is left to generate")
             interval = stream_interval(life.in_flight, life.cfg.stream_interval)
