@@ -50,6 +50,25 @@ class ResourceExhausted(MeshError):
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
+class RateLimited(ResourceExhausted):
+    """A tenant's limit was hit; the caller may retry after ``retry_after_s`` (gRPC retry pushback)."""
+
+    def __init__(self, message: str, retry_after_s: float) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+    @property
+    def trailing_metadata(self) -> tuple[tuple[str, str], ...]:
+        """``grpc-retry-pushback-ms``, which gRPC clients with a retry policy wait for."""
+        return (("grpc-retry-pushback-ms", str(max(int(self.retry_after_s * 1000), 1))),)
+
+
+class PermissionDenied(MeshError):
+    """An authenticated caller asked for something its tenant may not use."""
+
+    code = grpc.StatusCode.PERMISSION_DENIED
+
+
 class FailedPrecondition(MeshError):
     """The expert is not in a state that allows the operation (e.g. unloading while busy)."""
 
@@ -107,7 +126,8 @@ def grpc_errors(handler: F) -> F:
         code, message = status_for(exc)
         if code == grpc.StatusCode.INTERNAL:
             log.exception("unexpected error in %s", handler.__qualname__)
-        await context.abort(code, message)
+        # Some causes carry trailing metadata (RateLimited: the retry pushback).
+        await context.abort(code, message, trailing_metadata=getattr(exc, "trailing_metadata", ()))
 
     if inspect.isasyncgenfunction(handler):
 

@@ -66,10 +66,21 @@ class Ejection:
 class ExpertLink:
     """One replica address of one expert."""
 
-    def __init__(self, expert_id: str, address: str, ejection: Ejection | None = None) -> None:
+    def __init__(
+        self,
+        expert_id: str,
+        address: str,
+        ejection: Ejection | None = None,
+        credentials: grpc.ChannelCredentials | None = None,
+        options: list[tuple[str, str]] | None = None,
+    ) -> None:
         self.expert_id = expert_id
         self.address = address
-        self.channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+        # With internal_tls: the mesh CA, the gateway's client certificate (expertmesh.tls.link_security).
+        if credentials is None:
+            self.channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+        else:
+            self.channel = grpc.aio.secure_channel(address, credentials, [*CHANNEL_OPTIONS, *(options or [])])
         self.stub = pb_grpc.ExpertStub(self.channel)  # built once: a stub makes one callable per RPC
         self.mux = Multiplexer(self.stub)  # every Generate to this replica, over one call
         self.health = "UNKNOWN"

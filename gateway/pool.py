@@ -7,6 +7,7 @@ import logging
 from collections.abc import Iterable
 
 from expertmesh.config import MeshConfig
+from expertmesh.tls import link_security
 
 from .health import Ejection, ExpertLink
 
@@ -43,13 +44,14 @@ class Pool:
         wanted = replica_addresses(config)
         current = {(link.expert_id, link.address): link for link in self.links()}
         routing = config.routing
+        credentials, options = link_security(config)  # read once per config, shared by new links
         replicas: dict[str, list[ExpertLink]] = {}
         for expert_id, addresses in wanted.items():
             replicas[expert_id] = []
             for address in addresses:
                 link = current.pop((expert_id, address), None)
                 if link is None:
-                    link = ExpertLink(expert_id, address, Ejection())
+                    link = ExpertLink(expert_id, address, Ejection(), credentials, options)
                     link.start()
                     log.info("expert %s: replica %s added", expert_id, address)
                 link.ejection.after_failures = routing.eject_after_failures
