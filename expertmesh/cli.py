@@ -11,14 +11,16 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import grpc
 
-from expertmesh.client import DEFAULT_TARGET, MeshClient
+from expertmesh.client import DEFAULT_TARGET, TOKEN_ENV, MeshClient
 from expertmesh.config import ConfigError, MeshConfig, load_resolved
 from expertmesh.logs import setup_logging
 from expertmesh.rpc import stop_event_on_signals
 from expertmesh.supervisor import Supervisor
+from expertmesh.tls import TlsError
 from expertmesh.v1 import expertmesh_pb2 as pb
 
 CONFIG_HELP = "mesh config file (env: EXPERTMESH_CONFIG, legacy VLLM_CONFIG_PATH; default configs/demo.yaml)"
@@ -54,8 +56,13 @@ async def _up(config: MeshConfig, config_path: Path, log_dir: Path) -> int:
     return 0
 
 
+def _security(args: argparse.Namespace) -> dict[str, Any]:
+    """MeshClient's TLS and token arguments from the command line."""
+    return {"cacert": args.cacert, "cert": args.cert, "key": args.key, "token": args.token, "tls": args.tls}
+
+
 async def _stream(target: str, args: argparse.Namespace) -> int:
-    async with MeshClient(target, timeout=args.timeout) as mesh:
+    async with MeshClient(target, timeout=args.timeout, **_security(args)) as mesh:
         last: pb.GenerateResponse | None = None
         async for msg in mesh.stream(
             args.prompt,
@@ -77,11 +84,11 @@ async def _stream(target: str, args: argparse.Namespace) -> int:
     return 0
 
 
-async def _list(target: str) -> int:
+async def _list(target: str, args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    async with MeshClient(target, timeout=5) as mesh:
+    async with MeshClient(target, timeout=args.timeout, **_security(args)) as mesh:
         reply = await mesh.list_experts()
     table = Table("expert_id", "domain", "address", "health", "state", "last_error")
     for e in reply.experts:
@@ -131,6 +138,14 @@ def _positive(text: str) -> int:
     return int(text)
 
 
+def _client_security(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--cacert", help="PEM CA that issued the gateway's certificate (implies TLS)")
+    parser.add_argument("--cert", help="PEM client certificate, for a gateway that requires one")
+    parser.add_argument("--key", help="PEM private key of --cert")
+    parser.add_argument("--tls", action="store_true", help="TLS with the system's CAs")
+    parser.add_argument("--token", help=f"bearer token (env: {TOKEN_ENV})")
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="expertmesh", description="A gRPC mesh of vLLM experts.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -158,11 +173,14 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--temperature", type=float)
     gen.add_argument("--seed", type=int)
     gen.add_argument("--timeout", type=float, help="deadline in seconds")
+    _client_security(gen)
 
     ls = sub.add_parser("experts", help="list the experts with their health and state")
     ls.add_argument(
         "--gateway", default=os.environ.get("EXPERTMESH_GATEWAY", DEFAULT_TARGET), help=GATEWAY_HELP
     )
+    ls.add_argument("--timeout", type=float, default=5.0, help="deadline in seconds (default 5)")
+    _client_security(ls)
 
     check = sub.add_parser("check", help="preflight: find every config and model problem before loading")
     check.add_argument("--config", help=CONFIG_HELP)
@@ -200,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "generate":
             return asyncio.run(_stream(args.gateway, args))
         if args.command == "experts":
-            return asyncio.run(_list(args.gateway))
+            return asyncio.run(_list(args.gateway, args))
         if args.command == "check":
             from expertmesh.preflight import main_check
 
@@ -218,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
 
             ensure_demo_models(Path(args.out) if args.out else DEFAULT_MODELS_DIR)
             return 0
-    except ConfigError as e:
+    except (ConfigError, TlsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except grpc.RpcError as e:

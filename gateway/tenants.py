@@ -70,8 +70,10 @@ class TenantState:
                 return max(at + self.window_s - now, 0.001)
         return RESERVED_RETRY_S
 
-    def admit(self, want: int) -> Lease:
-        """Reserve ``want`` tokens and a stream, or raise RateLimited / InvalidRequest."""
+    def admit(self, want: int, defaulted: bool = False) -> Lease:
+        """Reserve ``want`` tokens and a stream, or raise RateLimited / InvalidRequest.
+
+        ``defaulted``: the request left max_tokens unset and ``want`` is the expert's default."""
         limit = self.config.max_concurrent_streams
         if limit is not None and self.streams >= limit:
             TENANT_ADMISSIONS.labels(self.name, "streams").inc()
@@ -82,8 +84,9 @@ class TenantState:
         budget = self.budget
         if budget is not None:
             if want > budget:
+                unset = " (unset: the default)" if defaulted else ""
                 raise InvalidRequest(
-                    f"sampling.max_tokens {want} is more than tenant {self.name} may use in "
+                    f"sampling.max_tokens {want}{unset} is more than tenant {self.name} may use in "
                     f"{self.window_s:g} s ({budget} tokens at tokens_per_minute "
                     f"{self.config.tokens_per_minute})"
                 )
@@ -183,5 +186,5 @@ class Tenants:
         if name is None:
             return Lease(None)
         s = request.sampling
-        want = s.max_tokens if s.HasField("max_tokens") else DEFAULT_MAX_TOKENS
-        return self.state(name).admit(want)
+        given = s.HasField("max_tokens")
+        return self.state(name).admit(s.max_tokens if given else DEFAULT_MAX_TOKENS, defaulted=not given)
