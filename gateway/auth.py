@@ -2,7 +2,7 @@
 
 The tokens file holds one ``TOKEN [TENANT]`` per line (``#`` starts a comment); a token without
 a tenant belongs to the tenant ``default``. Every call but ``grpc.health.v1`` (left open for
-probes) must carry ``authorization: Bearer <token>``; the token is compared with each known one
+probes) and reflection must carry ``authorization: Bearer <token>``; the token is compared with each known one
 in constant time (``hmac.compare_digest``, no early exit), and a missing or unknown token ends
 the call with UNAUTHENTICATED before any handler runs. Messages never repeat a token.
 
@@ -26,8 +26,13 @@ from expertmesh.guard import guard
 
 log = logging.getLogger(__name__)
 DEFAULT_TENANT = "default"
-#: The open methods: probes must not need a secret.
-OPEN_PREFIXES = ("/grpc.health.v1.Health/",)
+#: The open methods: probes must not need a secret, and reflection shows only the schema, which
+#: is public (``gateway.reflection: false`` turns it off).
+OPEN_PREFIXES = (
+    "/grpc.health.v1.Health/",
+    "/grpc.reflection.v1alpha.ServerReflection/",
+    "/grpc.reflection.v1.ServerReflection/",
+)
 #: How often the tokens file's modification time is looked at.
 WATCH_S = 1.0
 _TOKEN = re.compile(r"^[\x21-\x7e]{16,}$")  # printable, no spaces; short tokens are guessable
