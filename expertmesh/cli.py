@@ -131,6 +131,28 @@ async def _demo(config: MeshConfig, config_path: Path, log_dir: Path) -> int:
     return 0
 
 
+async def _health(args: argparse.Namespace) -> int:
+    """One grpc.health.v1 Check over TLS: the probe for pods whose ports speak only TLS."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from expertmesh.tls import client_credentials
+
+    if args.cacert or args.cert or args.tls:
+        options = [("grpc.ssl_target_name_override", args.server_name)] if args.server_name else []
+        channel = grpc.aio.secure_channel(
+            args.address, client_credentials(args.cacert, args.cert, args.key), options
+        )
+    else:
+        channel = grpc.aio.insecure_channel(args.address)
+    async with channel:
+        reply = await health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout
+        )
+    status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+    print(status)
+    return 0 if status == "SERVING" else 1
+
+
 def _positive(text: str) -> int:
     """argparse type: a whole number >= 1."""
     if not text.isdigit() or int(text) < 1:
@@ -182,6 +204,16 @@ def _parser() -> argparse.ArgumentParser:
     ls.add_argument("--timeout", type=float, default=5.0, help="deadline in seconds (default 5)")
     _client_security(ls)
 
+    health = sub.add_parser("health", help="check grpc.health.v1 at an address (TLS too); exit 0 if SERVING")
+    health.add_argument("address", help="host:port")
+    health.add_argument("--service", default="", help="service name (default: the server as a whole)")
+    health.add_argument("--timeout", type=float, default=3.0, help="deadline in seconds (default 3)")
+    health.add_argument("--cacert", help="PEM CA that issued the server's certificate (implies TLS)")
+    health.add_argument("--cert", help="PEM client certificate, for a server that requires one")
+    health.add_argument("--key", help="PEM private key of --cert")
+    health.add_argument("--tls", action="store_true", help="TLS with the system's CAs")
+    health.add_argument("--server-name", help="name to check in the server's certificate (default: the host)")
+
     check = sub.add_parser("check", help="preflight: find every config and model problem before loading")
     check.add_argument("--config", help=CONFIG_HELP)
     check.add_argument("--json", action="store_true", help="machine-readable output")
@@ -205,7 +237,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``expertmesh`` command."""
     args = _parser().parse_args(argv)
-    setup_logging("WARNING" if args.command in ("generate", "experts") else None)
+    setup_logging("WARNING" if args.command in ("generate", "experts", "health") else None)
     try:
         if args.command in ("up", "demo"):
             config, source = load_resolved(args.config)
@@ -219,6 +251,8 @@ def main(argv: list[str] | None = None) -> int:
             return asyncio.run(_stream(args.gateway, args))
         if args.command == "experts":
             return asyncio.run(_list(args.gateway, args))
+        if args.command == "health":
+            return asyncio.run(_health(args))
         if args.command == "check":
             from expertmesh.preflight import main_check
 

@@ -137,6 +137,16 @@ async def wait_health(address: str, credentials: grpc.ChannelCredentials, timeou
     raise TimeoutError(f"{address} not SERVING after {timeout} s")
 
 
+def json_stream(text: str) -> list[dict[str, object]]:
+    """grpcurl's output: one JSON object per streamed message, one after the other."""
+    decoder, found, at = json.JSONDecoder(), [], 0
+    while text[at:].strip():
+        at += len(text[at:]) - len(text[at:].lstrip())
+        obj, at = decoder.raw_decode(text, at)
+        found.append(obj)
+    return found
+
+
 def write_tokens(path: Path, *lines: str) -> None:
     """Replace the tokens file in one step (as a Secret update does), with a new mtime."""
     tmp = path.with_suffix(".new")
@@ -228,10 +238,10 @@ def test_grpcurl_as_an_operator_types_it(secure: SecureMesh) -> None:
     request = '{"prompt": "hello", "sampling": {"max_tokens": 4, "temperature": 0}}'
     out = grpcurl(*tls, "-H", f"authorization: Bearer {OPS}", "-d", request, secure.gateway,
                   "expertmesh.v1.Gateway/Generate").stdout  # fmt: skip
-    messages = [json.loads(m) for m in out.replace("}\n{", "}\x00{").split("\x00")]
-    assert messages[-1]["finishReason"] == "length"
-    assert messages[-1]["usage"]["completionTokens"] == 4
-    assert messages[0]["expertId"] == "general_tiny"
+    messages = json_stream(out)
+    assert messages[-1].get("finish_reason") == "length", out
+    assert messages[-1]["usage"]["completion_tokens"] == 4
+    assert messages[0]["expert_id"] == "general_tiny"
     # health and reflection need no token
     assert json.loads(grpcurl(*tls, secure.gateway, "grpc.health.v1.Health/Check").stdout) == {
         "status": "SERVING"
