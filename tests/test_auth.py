@@ -2,17 +2,39 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
+import yaml
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from expertmesh.config import AuthConfig, CertPair, ConfigError, MeshConfig, TenantConfig, parse_config
+from expertmesh.client import MeshClient
+from expertmesh.config import (
+    AuthConfig,
+    CertPair,
+    ConfigError,
+    MeshConfig,
+    TenantConfig,
+    load_config,
+    parse_config,
+)
 from expertmesh.errors import InvalidRequest, PermissionDenied, RateLimited
+from expertmesh.gateway.auth import Tokens, TokensError, TokensFile, bearer_token, parse_tokens
+from expertmesh.gateway.router import Route
+from expertmesh.gateway.server import serve
+from expertmesh.gateway.tenants import Tenants
 from expertmesh.guard import guard
+from expertmesh.rpc import Health, bind
+from expertmesh.telemetry import tracing
+from expertmesh.telemetry.metrics import REGISTRY
 from expertmesh.tls import (
     RequirePeerCertificate,
     TlsError,
@@ -21,11 +43,11 @@ from expertmesh.tls import (
     load_pair,
 )
 from expertmesh.v1 import expertmesh_pb2 as pb
-from gateway.auth import Tokens, TokensError, TokensFile, bearer_token, parse_tokens
-from gateway.router import Route
-from gateway.tenants import Tenants
+from expertmesh.v1 import expertmesh_pb2_grpc as pb_grpc
 
 from .certs import CA
+from .support import free_port, wait_serving
+from .test_telemetry import FakeExpert
 
 TOKEN_A = "a" * 24
 TOKEN_B = "b-" + "x" * 30
@@ -102,7 +124,7 @@ def test_tokens_file_errors_name_the_line_never_the_token(text: str, message: st
 
 def test_compare_walks_every_entry(monkeypatch: pytest.MonkeyPatch) -> None:
     """Constant time: every known token is compared, also after a match (no early exit)."""
-    import gateway.auth as auth
+    import expertmesh.gateway.auth as auth
 
     calls: list[bytes] = []
     real = auth.hmac.compare_digest
@@ -149,7 +171,7 @@ def test_tokens_file_reload_keeps_old_tokens_when_invalid(tmp_path: Path) -> Non
 
 
 async def test_token_interceptor_refuses_without_naming_the_token() -> None:
-    from gateway.auth import TokenAuth, current_tenant
+    from expertmesh.gateway.auth import TokenAuth, current_tenant
 
     class Fixed:
         tokens = parse_tokens(f"{TOKEN_A} team_a\n", "t", {"team_a"})
@@ -397,3 +419,75 @@ async def test_guard_covers_streaming_handlers() -> None:
     guarded = guard(grpc.unary_stream_rpc_method_handler(stream), check)
     assert [i async for i in guarded.unary_stream(None, None)] == [0, 1, 2]
     assert checked == ["yes"]
+
+
+# -- the tenant on spans and metrics (the real gateway in-process, over a fake expert) --------
+
+
+@pytest.fixture
+def spans() -> Iterator[InMemorySpanExporter]:
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    tracing.install(provider, set_global=False)
+    try:
+        yield exporter
+    finally:
+        tracing.install(None)
+        provider.shutdown()
+
+
+async def test_the_tenant_labels_spans_and_metrics(tmp_path: Path, spans: InMemorySpanExporter) -> None:
+    expert = FakeExpert("general")
+    server = grpc.aio.server()
+    pb_grpc.add_ExpertServicer_to_server(expert, server)
+    health = Health(server, ["expertmesh.v1.Expert", "expertmesh.v1.Expert/engine"])
+    await health.set(True)
+    expert_port = bind(server, "127.0.0.1", 0)
+    await server.start()
+    tokens = tmp_path / "tokens"
+    tokens.write_text(f"{TOKEN_A} team_a\n")
+    path = tmp_path / "mesh.yaml"
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "gateway": {"host": "127.0.0.1", "port": free_port()},
+                "grace_period_s": 1,
+                "auth": {"tokens_file": str(tokens), "tenants": {"team_a": {"max_concurrent_streams": 4}}},
+                "experts": [
+                    {
+                        "expert_id": "general",
+                        "domain": "general",
+                        "model_path": "/unused",
+                        "address": f"127.0.0.1:{expert_port}",
+                    }
+                ],
+            }
+        )
+    )
+    config = load_config(path)
+    admitted = REGISTRY.get_sample_value(
+        "expertmesh_tenant_admissions_total", {"tenant": "team_a", "outcome": "admitted"}
+    )
+    charged = REGISTRY.get_sample_value("expertmesh_tenant_tokens_total", {"tenant": "team_a"})
+    stop = asyncio.Event()
+    task = asyncio.create_task(serve(config, path, stop=stop))
+    address = f"127.0.0.1:{config.gateway.port}"
+    try:
+        await wait_serving(address, timeout=30)  # health needs no token
+        async with MeshClient(address, timeout=10, token=TOKEN_A) as client:
+            result = await client.complete("x", max_tokens=3)
+    finally:
+        stop.set()
+        await task
+        await server.stop(0)
+    assert result.text == "t0t1t2"
+    (request,) = [s for s in spans.get_finished_spans() if s.name == "gateway.generate"]
+    assert request.attributes is not None and request.attributes["expertmesh.tenant"] == "team_a"
+    labels = {"tenant": "team_a", "outcome": "admitted"}
+    assert REGISTRY.get_sample_value("expertmesh_tenant_admissions_total", labels) == (admitted or 0) + 1
+    assert (
+        REGISTRY.get_sample_value("expertmesh_tenant_tokens_total", {"tenant": "team_a"})
+        == (charged or 0) + 5
+    )
+    assert REGISTRY.get_sample_value("expertmesh_tenant_streams_in_flight", {"tenant": "team_a"}) == 0
