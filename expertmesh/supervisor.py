@@ -31,7 +31,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from expertmesh.config import MeshConfig
 from expertmesh.logs import log_tail
 from expertmesh.services.expert.ipc_dir import remove_left_by
-from expertmesh.tls import probe_channel
+from expertmesh.tls import TlsError, probe_channel
 
 log = logging.getLogger(__name__)
 HEALTH_POLL_S = 0.25
@@ -156,7 +156,12 @@ class Supervisor:
 
     async def _watch_health(self, child: Child) -> None:
         """Report health transitions (STARTING -> NOT_SERVING -> SERVING) as they happen."""
-        async with probe_channel(self.config, child.address, gateway=child is self.gateway) as channel:
+        try:
+            channel = probe_channel(self.config, child.address, gateway=child is self.gateway)
+        except TlsError as e:
+            self.report(f"{child.name}: cannot check its health: {e}")
+            return
+        async with channel:
             stub = health_pb2_grpc.HealthStub(channel)
             while True:
                 try:

@@ -128,9 +128,10 @@ async def serve(
     stop = stop or stop_event_on_signals()
     # Secrets first: a gateway with unusable tokens or certificates must not start at all.
     tokens_path = config.tokens_file()
-    tokens = (
-        TokensFile(tokens_path, set(config.auth.tenants) if config.auth else None) if tokens_path else None
-    )
+    # Every tenant a token names must be declared in auth.tenants: a typo must not turn a
+    # restricted caller into an unrestricted one.
+    tenant_names = set(config.auth.tenants) if config.auth else set()
+    tokens = TokensFile(tokens_path, tenant_names) if tokens_path else None
     certs = gateway_server_certs(config)
     telemetry = start_telemetry(Identity("gateway"), config.gateway.metrics_port, config.gateway.host)
     pool = Pool()

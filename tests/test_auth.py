@@ -12,6 +12,7 @@ from typing import Any
 import grpc
 import pytest
 import yaml
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -437,7 +438,9 @@ def spans() -> Iterator[InMemorySpanExporter]:
         provider.shutdown()
 
 
-async def test_the_tenant_labels_spans_and_metrics(tmp_path: Path, spans: InMemorySpanExporter) -> None:
+async def test_the_tenant_labels_spans_and_metrics_and_reflection_can_be_off(
+    tmp_path: Path, spans: InMemorySpanExporter
+) -> None:
     expert = FakeExpert("general")
     server = grpc.aio.server()
     pb_grpc.add_ExpertServicer_to_server(expert, server)
@@ -451,7 +454,7 @@ async def test_the_tenant_labels_spans_and_metrics(tmp_path: Path, spans: InMemo
     path.write_text(
         yaml.safe_dump(
             {
-                "gateway": {"host": "127.0.0.1", "port": free_port()},
+                "gateway": {"host": "127.0.0.1", "port": free_port(), "reflection": False},
                 "grace_period_s": 1,
                 "auth": {"tokens_file": str(tokens), "tenants": {"team_a": {"max_concurrent_streams": 4}}},
                 "experts": [
@@ -477,6 +480,13 @@ async def test_the_tenant_labels_spans_and_metrics(tmp_path: Path, spans: InMemo
         await wait_serving(address, timeout=30)  # health needs no token
         async with MeshClient(address, timeout=10, token=TOKEN_A) as client:
             result = await client.complete("x", max_tokens=3)
+        async with grpc.aio.insecure_channel(address) as channel:
+            call = reflection_pb2_grpc.ServerReflectionStub(channel).ServerReflectionInfo(
+                iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=5
+            )
+            with pytest.raises(grpc.aio.AioRpcError) as e:
+                _ = [r async for r in call]
+            assert e.value.code() == grpc.StatusCode.UNIMPLEMENTED  # gateway.reflection: false
     finally:
         stop.set()
         await task
