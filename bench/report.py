@@ -80,6 +80,20 @@ TARGETS = (
         lambda v: v >= 0.9,
     ),
     Target(
+        "gateway_tls tok/s vs gateway",
+        (1, 32, 128),
+        ">= 0.90x",
+        lambda s, c: _ratio(_tok(s, "gateway_tls", c), _tok(s, "gateway", c)),
+        lambda v: v >= 0.9,
+    ),
+    Target(
+        "TTFT p50 added by TLS + auth (ms)",
+        (1,),
+        "<= 1 ms",
+        lambda s, c: _metric(s, "gateway_tls", c, "ttft_p50_ms") - _metric(s, "gateway", c, "ttft_p50_ms"),
+        lambda v: v <= 1.0,
+    ),
+    Target(
         "TTFT p50 added by gateway (ms)",
         (1,),
         "<= 1 ms",

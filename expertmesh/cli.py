@@ -228,6 +228,10 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--trials", type=_positive, help="trials per level, the best reported (default: 4, --quick 1)"
     )
+    bench.add_argument(
+        "--only",
+        help="comma-separated scenarios: run just their groups, in turns (e.g. gateway,gateway_tls)",
+    )
 
     build = sub.add_parser("build-demo-models", help="build the tiny demo models into .models/")
     build.add_argument("--out", help="folder (default: .models/ at the repository root)")
@@ -264,7 +268,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "bench":
             from expertmesh.bench import main_bench
 
-            return main_bench(quick=args.quick, out=Path(args.out), trials=args.trials)
+            only = set(args.only.split(",")) if args.only else None
+            return main_bench(quick=args.quick, out=Path(args.out), trials=args.trials, only=only)
         if args.command == "build-demo-models":
             from expertmesh.demo_models import DEFAULT_MODELS_DIR, ensure_demo_models
 

@@ -17,6 +17,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
+from expertmesh.bench.pki import CA
 from expertmesh.client import MeshClient
 from expertmesh.config import (
     AuthConfig,
@@ -46,7 +47,6 @@ from expertmesh.tls import (
 from expertmesh.v1 import expertmesh_pb2 as pb
 from expertmesh.v1 import expertmesh_pb2_grpc as pb_grpc
 
-from .certs import CA
 from .support import free_port, wait_serving
 from .test_telemetry import FakeExpert
 

@@ -24,13 +24,13 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from expertmesh.bench.pki import CA, Issued
 from expertmesh.client import MeshClient
 from expertmesh.config import MeshConfig, load_config
 from expertmesh.tls import client_credentials
 from expertmesh.v1 import expertmesh_pb2 as pb
 from expertmesh.v1 import expertmesh_pb2_grpc as pb_grpc
 
-from .certs import CA, Issued
 from .expert_support import start_expert, stop_group
 from .support import GRPCURL, VENV_BIN, demo_expert, free_port, write_config
 
@@ -425,3 +425,58 @@ async def test_rotating_the_gateway_certificate_without_a_restart(secure: Secure
     print(f"\nnew certificate served after {time.monotonic() - rotated_at:.2f} s")
     assert await health(secure.gateway, secure.caller_credentials()) == "UNAVAILABLE"  # the old CA no longer
     assert "PRIVATE KEY" not in log_file.read_text()  # the log names files, never key material
+
+
+def test_up_runs_a_tls_mesh_and_sees_it_ready(secure: SecureMesh) -> None:
+    """`expertmesh up` checks every process's health over its TLS (a lazy expert: no engine)."""
+    p = secure.pki
+    path = write_config(
+        secure.folder / "up.yaml",
+        [demo_expert("lazy_tiny", "general", load="lazy", internal_cert=p.expert.pair())],
+        max_restarts=0,
+        gateway={
+            "host": "127.0.0.1",
+            "port": free_port(),
+            "tls": {**p.gateway.pair(), "ca_file": str(p.mesh.file)},
+        },
+        internal_tls={"ca_file": str(p.mesh.file), **p.gateway_link.pair()},
+        auth={"tokens_file": str(secure.tokens_file), "tenants": {"coders": {}, "metered": {}}},
+    )
+    config = load_config(path)
+    proc = subprocess.Popen(
+        [
+            str(VENV_BIN / "expertmesh"),
+            "up",
+            "--config",
+            str(path),
+            "--log-dir",
+            str(secure.folder / "up-logs"),
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        assert proc.stderr is not None
+        lines = []
+        for line in proc.stderr:  # the supervisor's own report, as an operator sees it
+            lines.append(line)
+            if "mesh ready" in line or "exited with code" in line:
+                break
+        assert "mesh ready: gateway at" in lines[-1], "".join(lines)
+        assert any(f"lazy_tiny: SERVING at {config.expert_address(0)}" in line for line in lines)
+
+        async def listed() -> pb.ListExpertsResponse:
+            async with MeshClient(
+                f"127.0.0.1:{config.gateway.port}", timeout=10, cacert=str(p.mesh.file), token=OPS
+            ) as client:
+                return await client.list_experts()
+
+        (expert,) = asyncio.run(listed()).experts
+        assert (expert.expert_id, expert.health, expert.state) == (
+            "lazy_tiny",
+            "SERVING",
+            pb.EXPERT_STATE_COLD,
+        )
+    finally:
+        stop_group(proc)

@@ -1,4 +1,5 @@
-"""Test PKI: a CA and the certificates it issues (SAN IP:127.0.0.1, DNS:localhost), as PEM files."""
+"""A throwaway PKI for tests and benchmarks: a CA and the certificates it issues
+(SAN IP:127.0.0.1, DNS:localhost), as PEM files. Never for production (README, "Security")."""
 
 from __future__ import annotations
 
