@@ -43,8 +43,8 @@ class GatewayServicer(pb_grpc.GatewayServicer):
         tenant = current_tenant.get()
         route = self.tenants.permit(tenant, request, await router.route(request))
         note_route(route.domain, route.signal, route.confidence)
-        lease = self.tenants.admit(tenant, request)
         forwarder = Forwarder(request, route, self.pool, router.config.routing, context)
+        lease = self.tenants.admit(tenant, request)
         try:
             async for msg in forwarder.stream():
                 lease.observe(msg)

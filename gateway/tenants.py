@@ -25,6 +25,7 @@ from expertmesh.telemetry import current_request
 from expertmesh.telemetry.metrics import TENANT_ADMISSIONS, TENANT_STREAMS, TENANT_TOKENS
 from expertmesh.v1 import expertmesh_pb2 as pb
 
+from .auth import DEFAULT_TENANT
 from .router import Route
 
 #: Pushback for a tenant at its stream limit: streams end at their own pace, so this is a guess.
@@ -154,7 +155,13 @@ class Tenants:
             state.window_s = self.auth.rate_window_s
 
     def state(self, name: str) -> TenantState:
-        """The tenant's state (a tenant missing from auth.tenants is unrestricted)."""
+        """The tenant's state; PERMISSION_DENIED for a tenant no longer in auth.tenants.
+
+        Tokens name tenants that auth.tenants declares (checked when the file is read); one
+        removed from the config by a reload must lose its access, not its limits.
+        """
+        if name != DEFAULT_TENANT and name not in self.auth.tenants:
+            raise PermissionDenied(f"tenant {name} is not in auth.tenants")
         if name not in self.states:
             self.states[name] = TenantState(
                 name, self.auth.tenants.get(name, TenantConfig()), self.auth.rate_window_s, self.clock

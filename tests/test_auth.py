@@ -279,6 +279,19 @@ def test_tenant_concurrent_streams() -> None:
     assert tenants.state("t").streams == 1
 
 
+def test_a_tenant_removed_by_a_reload_loses_its_access() -> None:
+    config = mesh(auth={"tenants": {"coders": {"domains": ["code"]}}})
+    tenants = Tenants(config.auth)
+    tenants.permit("coders", request(), route_of(config, "code", "c"))
+    tenants.apply(AuthConfig())  # its tokens may still be in the file until that changes too
+    with pytest.raises(PermissionDenied) as e:
+        tenants.permit("coders", request(), route_of(config, "code", "c"))
+    assert str(e.value) == "tenant coders is not in auth.tenants"
+    with pytest.raises(PermissionDenied):
+        tenants.admit("coders", request())
+    tenants.admit("default", request()).close()  # a token without a tenant still works
+
+
 def test_tenant_limits_follow_a_reload_and_keep_counters() -> None:
     tenants = Tenants(AuthConfig(tenants={"t": TenantConfig(max_concurrent_streams=5)}))
     tenants.admit("t", request())
