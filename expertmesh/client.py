@@ -53,10 +53,22 @@ class Security:
 
         return client_credentials(self.cacert, self.cert, self.key)
 
-    def metadata(self) -> tuple[tuple[str, str], ...]:
-        """``authorization: Bearer <token>`` when there is a token (argument, else EXPERTMESH_TOKEN)."""
+    def metadata(self, target: str) -> tuple[tuple[str, str], ...]:
+        """``authorization: Bearer <token>`` when there is a token (argument, else EXPERTMESH_TOKEN).
+
+        A token never goes in plaintext beyond this host: anyone on the path could replay it.
+        """
+        from expertmesh.tls import TlsError, is_loopback
+
         token = self.token if self.token is not None else os.environ.get(TOKEN_ENV)
-        return (("authorization", f"Bearer {token}"),) if token else ()
+        if not token:
+            return ()
+        host = target.split("///")[-1].rsplit(":", 1)[0].strip("[]")
+        if not self.secure and not is_loopback(host):
+            raise TlsError(
+                f"refusing to send a bearer token in plaintext to {target}: use TLS (--cacert or --tls)"
+            )
+        return (("authorization", f"Bearer {token}"),)
 
 
 @dataclass
@@ -130,7 +142,7 @@ class MeshClient:
             self.channel = grpc.aio.insecure_channel(target)
         self.gateway = pb_grpc.GatewayStub(self.channel)
         self.timeout = timeout
-        self.metadata = security.metadata()
+        self.metadata = security.metadata(target)
 
     async def __aenter__(self) -> MeshClient:
         return self
@@ -196,7 +208,7 @@ class SyncMeshClient:
             self.channel = grpc.insecure_channel(target)
         self.gateway = pb_grpc.GatewayStub(self.channel)
         self.timeout = timeout
-        self.metadata = security.metadata()
+        self.metadata = security.metadata(target)
 
     def __enter__(self) -> SyncMeshClient:
         return self

@@ -514,3 +514,19 @@ async def test_the_tenant_labels_spans_and_metrics_and_reflection_can_be_off(
         == (charged or 0) + 5
     )
     assert REGISTRY.get_sample_value("expertmesh_tenant_streams_in_flight", {"tenant": "team_a"}) == 0
+
+
+def test_the_client_never_sends_a_token_in_plaintext_off_this_host(monkeypatch: pytest.MonkeyPatch) -> None:
+    from expertmesh.client import Security
+
+    assert Security(token=TOKEN_A).metadata("127.0.0.1:8080") == (("authorization", f"Bearer {TOKEN_A}"),)
+    assert Security(token=TOKEN_A).metadata("localhost:8080")
+    assert Security(token=TOKEN_A, tls=True).metadata("gw.example:443")
+    with pytest.raises(TlsError) as e:
+        Security(token=TOKEN_A).metadata("10.0.0.5:8080")
+    assert str(e.value) == (
+        "refusing to send a bearer token in plaintext to 10.0.0.5:8080: use TLS (--cacert or --tls)"
+    )
+    monkeypatch.setenv("EXPERTMESH_TOKEN", TOKEN_B)
+    assert Security().metadata("127.0.0.1:8080") == (("authorization", f"Bearer {TOKEN_B}"),)
+    assert Security(token="").metadata("10.0.0.5:8080") == ()  # an explicit "" sends none
