@@ -219,7 +219,8 @@ def print_tables(scenarios: Scenarios, concurrency: list[int], errors: dict[str,
     for t in check_targets(scenarios):
         value = t["value"]
         shown = "-" if value is None else (f"{value:.2f}x" if "x" in t["goal"] else f"{value:+.2f}")
-        tgt.add_row(t["target"], str(t["streams"]), shown, t["goal"], "yes" if t["met"] else "NO")
+        met = "-" if value is None else ("yes" if t["met"] else "NO")  # "-": not measured (--only)
+        tgt.add_row(t["target"], str(t["streams"]), shown, t["goal"], met)
     console.print(tgt)
     for name, message in errors.items():
         console.print(f"[red]{name} failed:[/red] {message}", markup=True, highlight=False)
@@ -259,7 +260,7 @@ def markdown(doc: dict[str, Any], concurrency: list[int]) -> str:
     for t in doc["targets"]:
         value = t["value"]
         shown = "-" if value is None else (f"{value:.2f}x" if "x" in t["goal"] else f"{value:+.2f} ms")
-        met = "yes" if t["met"] else "no"
+        met = "-" if value is None else ("yes" if t["met"] else "no")
         lines.append(f"| {t['target']} | {t['streams']} | {shown} | {t['goal']} | {met} |")
     return "\n".join(lines) + "\n"
 
