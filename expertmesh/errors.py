@@ -25,6 +25,11 @@ class MeshError(Exception):
 
     code = grpc.StatusCode.INTERNAL
 
+    @property
+    def trailers(self) -> tuple[tuple[str, str], ...]:
+        """Trailing metadata sent with the status (none by default)."""
+        return ()
+
 
 class InvalidRequest(MeshError):
     """A request field is missing, malformed or out of range."""
@@ -58,7 +63,7 @@ class RateLimited(ResourceExhausted):
         self.retry_after_s = retry_after_s
 
     @property
-    def trailing_metadata(self) -> tuple[tuple[str, str], ...]:
+    def trailers(self) -> tuple[tuple[str, str], ...]:
         """``grpc-retry-pushback-ms``, which gRPC clients with a retry policy wait for."""
         return (("grpc-retry-pushback-ms", str(max(int(self.retry_after_s * 1000), 1))),)
 
@@ -127,7 +132,8 @@ def grpc_errors(handler: F) -> F:
         if code == grpc.StatusCode.INTERNAL:
             log.exception("unexpected error in %s", handler.__qualname__)
         # Some causes carry trailing metadata (RateLimited: the retry pushback).
-        await context.abort(code, message, trailing_metadata=getattr(exc, "trailing_metadata", ()))
+        trailers = exc.trailers if isinstance(exc, MeshError) else ()
+        await context.abort(code, message, trailing_metadata=trailers)
 
     if inspect.isasyncgenfunction(handler):
 

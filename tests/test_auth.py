@@ -236,7 +236,7 @@ def test_tenant_token_rate_reserve_settle_and_window() -> None:
         "(tokens_per_minute 60), this request reserves 30"
     )
     assert e.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
-    assert e.value.trailing_metadata == (("grpc-retry-pushback-ms", "1000"),)  # held by a stream
+    assert e.value.trailers == (("grpc-retry-pushback-ms", "1000"),)  # held by a stream
     first.observe(usage(5, 7))
     first.close()  # settles at the real 12 tokens
     assert tenants.state("t").used() == 12
@@ -247,7 +247,7 @@ def test_tenant_token_rate_reserve_settle_and_window() -> None:
     with pytest.raises(RateLimited) as e:
         tenants.admit("t", request(max_tokens=20))  # 47 used + 20 > 60
     # room comes back when the first 12 tokens leave the window, 40 s from now
-    assert e.value.trailing_metadata == (("grpc-retry-pushback-ms", "40000"),)
+    assert e.value.trailers == (("grpc-retry-pushback-ms", "40000"),)
     clock.now += 40
     tenants.admit("t", request(max_tokens=20)).close()
 
@@ -271,7 +271,7 @@ def test_tenant_concurrent_streams() -> None:
     with pytest.raises(RateLimited) as e:
         tenants.admit("t", request())
     assert str(e.value) == "tenant t has 2 streams open (max_concurrent_streams 2)"
-    assert e.value.trailing_metadata == (("grpc-retry-pushback-ms", "500"),)
+    assert e.value.trailers == (("grpc-retry-pushback-ms", "500"),)
     a.close()
     a.close()  # closing twice releases once
     tenants.admit("t", request())
@@ -467,7 +467,12 @@ async def test_the_tenant_labels_spans_and_metrics_and_reflection_can_be_off(
     path.write_text(
         yaml.safe_dump(
             {
-                "gateway": {"host": "127.0.0.1", "port": free_port(), "reflection": False},
+                "gateway": {
+                    "host": "127.0.0.1",
+                    "port": free_port(),
+                    "reflection": False,
+                    "reserved_cores": False,  # in-process: leave the test process's cores alone
+                },
                 "grace_period_s": 1,
                 "auth": {"tokens_file": str(tokens), "tenants": {"team_a": {"max_concurrent_streams": 4}}},
                 "experts": [
