@@ -1,13 +1,16 @@
 """Bearer-token authentication at the gateway: the tokens file, its hot reload, the interceptor.
 
 The tokens file holds one ``TOKEN [TENANT]`` per line (``#`` starts a comment); a token without
-a tenant belongs to the tenant ``default``. Every call but ``grpc.health.v1`` (left open for
-probes) and reflection must carry ``authorization: Bearer <token>``; the token is compared with each known one
-in constant time (``hmac.compare_digest``, no early exit), and a missing or unknown token ends
-the call with UNAUTHENTICATED before any handler runs. Messages never repeat a token.
+a tenant belongs to the tenant ``default``, and every other tenant must be declared in
+``auth.tenants``. Every call but ``grpc.health.v1`` (open for probes) and reflection must carry
+``authorization: Bearer <token>``; the token is compared with each known one in constant time
+(``hmac.compare_digest``, no early exit), and a missing or unknown token ends the call with
+UNAUTHENTICATED before any handler runs. Messages never repeat a token.
 
-An authenticated caller is trusted with what the gateway knows (expert addresses in ListExperts,
-route explanations and failover errors); an unauthenticated one gets health and nothing else.
+The check runs in one place, this interceptor, inside the handler's task (:mod:`expertmesh.guard`),
+so the tenant it finds is a context variable the servicer reads. An authenticated caller is
+trusted with what the gateway knows (expert addresses in ListExperts, route explanations and
+failover errors); an unauthenticated one gets health (and the public schema) and nothing else.
 """
 
 from __future__ import annotations
