@@ -535,3 +535,33 @@ def test_the_client_never_sends_a_token_in_plaintext_off_this_host(monkeypatch: 
     monkeypatch.setenv("EXPERTMESH_TOKEN", TOKEN_B)
     assert Security().metadata("127.0.0.1:8080") == (("authorization", f"Bearer {TOKEN_B}"),)
     assert Security(token="").metadata("10.0.0.5:8080") == ()  # an explicit "" sends none
+
+
+def test_preflight_names_every_security_problem_at_once(tmp_path: Path) -> None:
+    from expertmesh.preflight.security import check_expert_security, check_mesh_security
+
+    ca = CA(tmp_path)
+    good, other = ca.issue("good"), ca.issue("other")
+    mismatched = {"cert_file": str(other.cert_file), "key_file": str(good.key_file)}
+    (tmp_path / "tokens").write_text(f"{TOKEN_A} nobody\n")
+    config = mesh(
+        gateway={"tls": {"cert_file": str(good.cert_file), "key_file": str(other.key_file)}},
+        internal_tls={"ca_file": str(tmp_path / "missing.pem"), **good.pair()},
+        auth={"tokens_file": str(tmp_path / "tokens")},
+        experts=[
+            {"expert_id": "g", "model_path": "/m", "domain": "general", "host": "0.0.0.0"},
+            {"expert_id": "c", "model_path": "/m", "domain": "code", "internal_cert": mismatched},
+        ],
+    )
+    mesh_codes = [(f.severity, f.code) for f in check_mesh_security(config)]
+    assert mesh_codes == [("error", "tls-gateway-cert"), ("error", "tls-mesh-ca"), ("error", "tokens-file")]
+    assert [f.code for f in check_expert_security(config, "g")] == []  # internal_tls: 0.0.0.0 is fine
+    (mismatch,) = check_expert_security(config, "c")
+    assert (
+        mismatch.cause
+        == f"expert c certificate: {good.key_file} is not the key of the certificate in {other.cert_file}"
+    )
+    plaintext = mesh(experts=[{"expert_id": "g", "model_path": "/m", "domain": "general", "host": "0.0.0.0"}])
+    (refusal,) = check_expert_security(plaintext, "g")
+    assert refusal.code == "insecure-listen" and refusal.severity == "error"
+    assert check_mesh_security(plaintext) == []
