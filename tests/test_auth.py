@@ -565,3 +565,15 @@ def test_preflight_names_every_security_problem_at_once(tmp_path: Path) -> None:
     (refusal,) = check_expert_security(plaintext, "g")
     assert refusal.code == "insecure-listen" and refusal.severity == "error"
     assert check_mesh_security(plaintext) == []
+
+
+def test_link_security_checks_the_configured_server_name(tmp_path: Path) -> None:
+    from expertmesh.tls import link_security
+
+    ca = CA(tmp_path)
+    pair = ca.issue("gateway-link").pair()
+    credentials, options = link_security(mesh(internal_tls={"ca_file": str(ca.file), **pair}))
+    assert credentials is not None and options == []  # the host dialled is the name checked
+    named = mesh(internal_tls={"ca_file": str(ca.file), **pair, "server_name": "experts.mesh"})
+    assert link_security(named)[1] == [("grpc.ssl_target_name_override", "experts.mesh")]
+    assert link_security(mesh()) == (None, [])

@@ -256,6 +256,33 @@ def test_grpcurl_as_an_operator_types_it(secure: SecureMesh) -> None:
     assert plain.returncode != 0
 
 
+def test_cli_generate_and_experts_over_tls_with_a_token(secure: SecureMesh) -> None:
+    p = secure.pki
+    tls = ["--gateway", secure.gateway, "--cacert", str(p.mesh.file)]
+    tls += ["--cert", str(p.caller.cert_file), "--key", str(p.caller.key_file)]
+    cli = str(VENV_BIN / "expertmesh")
+    env = {**os.environ, "EXPERTMESH_TOKEN": OPS}
+    generated = subprocess.run(
+        [cli, "generate", "hello", "--max-tokens", "4", "--timeout", "30", *tls],
+        capture_output=True, text=True, env=env, timeout=60,
+    )  # fmt: skip
+    assert generated.returncode == 0, generated.stderr
+    assert "[general_tiny] finish_reason=length prompt_tokens=" in generated.stderr
+    listed = subprocess.run(
+        [cli, "experts", *tls, "--token", OPS], capture_output=True, text=True, timeout=60
+    )
+    assert listed.returncode == 0, listed.stderr
+    assert "general_tiny" in listed.stdout and "code_tiny" in listed.stdout
+    refused = subprocess.run(
+        [cli, "generate", "hello", *tls, "--token", "wrong-" + "w" * 26],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert refused.returncode == 1
+    assert refused.stderr.strip() == "error: UNAUTHENTICATED: the bearer token is not valid"
+
+
 # -- mTLS inside the mesh -------------------------------------------------------------------
 
 
