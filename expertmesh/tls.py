@@ -5,7 +5,9 @@ Server certificates are re-read without a restart: grpc asks :meth:`ServerCerts.
 configuration at each new handshake; it looks at the files' modification times at most once a
 second and hands grpc a new pair only once it has parsed it and checked that key and
 certificate belong together. A broken file keeps the old pair in use, and the log says why.
-Connections already open keep the pair they were made with.
+Connections already open keep the pair they were made with. The gateway's client certificate
+towards experts is followed by :meth:`expertmesh.gateway.pool.Pool.refresh_security`, which
+renews every link when those files change.
 """
 
 from __future__ import annotations
@@ -170,6 +172,20 @@ def probe_channel(config: MeshConfig, address: str, gateway: bool) -> grpc.aio.C
     if credentials is None:
         return grpc.aio.insecure_channel(address)
     return grpc.aio.secure_channel(address, credentials, options)
+
+
+def link_files(config: MeshConfig) -> tuple[float, ...]:
+    """Modification times of the files :func:`link_security` reads (0 for a missing one)."""
+    internal, pair = config.internal_tls, config.gateway_cert()
+    if internal is None or pair is None:
+        return ()
+    stamps = []
+    for f in (internal.ca_file, pair.cert_file, pair.key_file):
+        try:
+            stamps.append(Path(f).stat().st_mtime)
+        except OSError:
+            stamps.append(0.0)
+    return tuple(stamps)
 
 
 def client_credentials(

@@ -111,6 +111,7 @@ class Reloader:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.requested.wait(), WATCH_CONFIG_S)
             await self.pool.reap()
+            self.pool.refresh_security(self.servicer.router.config)
             mtime = self._stat()
             if self.requested.is_set() or mtime != self._mtime:
                 self.requested.clear()

@@ -507,3 +507,42 @@ def test_up_runs_a_tls_mesh_and_sees_it_ready(secure: SecureMesh) -> None:
         )
     finally:
         stop_group(proc)
+
+
+async def test_rotating_the_gateways_link_certificate_renews_its_links(secure: SecureMesh) -> None:
+    """The gateway's certificate towards experts is re-read too: one the experts' CA did not
+    issue takes the experts out of rotation within seconds, a good one brings them back."""
+    p = secure.pki
+    # The gateway's own certificate comes from the "next" CA since the test above.
+    bundle = secure.folder / "callers-trust.pem"
+    bundle.write_bytes(p.mesh.file.read_bytes() + (secure.folder / "next-ca.pem").read_bytes())
+    caller = client_credentials(str(bundle), str(p.caller.cert_file), str(p.caller.key_file))
+    assert await health(secure.gateway, caller) == "SERVING"
+
+    def install(issued: Issued) -> float:
+        shutil.copy(issued.key_file, p.gateway_link.key_file)
+        shutil.copy(issued.cert_file, p.gateway_link.cert_file)
+        return time.monotonic()
+
+    async def wait_for(status: str, since: float) -> float:
+        while await health(secure.gateway, caller) != status:
+            assert time.monotonic() - since < 5, f"the gateway's health did not turn {status} within 5 s"
+            await asyncio.sleep(0.2)
+        return time.monotonic() - since
+
+    good = p.gateway_link
+    saved = (good.cert_file.read_bytes(), good.key_file.read_bytes())
+    try:
+        down = await wait_for("NOT_SERVING", install(p.rogue.issue("rogue-link")))
+        up = await wait_for("SERVING", install(p.mesh.issue("next-link")))
+        print(f"\nlink certificate from another CA: NOT_SERVING after {down:.2f} s; ", end="")
+        print(f"a good one: SERVING after {up:.2f} s")
+    finally:
+        good.cert_file.write_bytes(saved[0])
+        good.key_file.write_bytes(saved[1])
+    async with MeshClient(secure.gateway, timeout=60, cacert=str(bundle), cert=str(p.caller.cert_file),
+                          key=str(p.caller.key_file), token=OPS) as client:  # fmt: skip
+        result = await client.complete("hello", max_tokens=4)
+    assert result.completion_tokens == 4
+    log = (secure.folder / "logs" / "gateway.log").read_text()
+    assert log.count("link certificates changed: renewing the links to every expert") >= 2
