@@ -131,9 +131,13 @@ def grpc_errors(handler: F) -> F:
         code, message = status_for(exc)
         if code == grpc.StatusCode.INTERNAL:
             log.exception("unexpected error in %s", handler.__qualname__)
-        # Some causes carry trailing metadata (RateLimited: the retry pushback).
+        # Some causes carry trailing metadata (RateLimited: the retry pushback). Passed only then:
+        # stand-in contexts (the expert's multiplexed streams) take just code and message.
         trailers = exc.trailers if isinstance(exc, MeshError) else ()
-        await context.abort(code, message, trailing_metadata=trailers)
+        if trailers:
+            await context.abort(code, message, trailing_metadata=trailers)
+        else:
+            await context.abort(code, message)
 
     if inspect.isasyncgenfunction(handler):
 
