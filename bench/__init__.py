@@ -6,6 +6,7 @@ model with the same engine settings and the same load:
 - ``inprocess``: ``AsyncLLM.generate`` with no serving layer (the limit);
 - ``expert``: straight to one expert over gRPC;
 - ``gateway``: through the gateway to that expert;
+- ``gateway_tls``: the same with TLS + a bearer token from the client and mTLS to its own expert;
 - ``relay``: through a bare gRPC relay to that expert (the cost of a second hop by itself);
 - ``vllm_grpc``: vLLM's own gRPC server;
 - ``vllm_openai``: vLLM's OpenAI-compatible HTTP server, streaming;
@@ -31,19 +32,20 @@ def _say(line: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] bench: {line}", file=sys.stderr, flush=True)
 
 
-def main_bench(quick: bool, out: Path, trials: int | None = None) -> int:
+def main_bench(quick: bool, out: Path, trials: int | None = None, only: set[str] | None = None) -> int:
     """Run every scenario, write ``out/results.json`` and ``out/results.png``, print the tables.
 
-    ``trials`` overrides the plan's trials per level (the best is reported).
+    ``trials`` overrides the plan's trials per level (the best is reported). ``only``: just the
+    scenarios, measured in turns (e.g. ``{"gateway", "gateway_tls"}``: two engines, not five).
     Returns 0 when every scenario was measured, 1 when any failed (its error is printed and
     stored under ``errors`` in the JSON). Speed targets are reported, never turned into failures.
     """
     from expertmesh.loop import run
     from expertmesh.services.expert.ipc_dir import IpcDir
 
-    from .plan import EngineSettings, LoadPlan, default_model
+    from .plan import SCENARIOS, EngineSettings, LoadPlan, default_model
     from .report import markdown, plot, print_tables, write_json
-    from .runner import run_groups
+    from .runner import GROUPS, run_groups
     from .scenarios import Context
 
     started = time.monotonic()
@@ -60,7 +62,15 @@ def main_bench(quick: bool, out: Path, trials: int | None = None) -> int:
     try:
         # A full run measures every scenario in turns; a quick one group after the other, the next
         # engine starting while one is measured: half the wall time, noisier numbers.
-        results = run(run_groups(Context(settings, plan, out, _say), together=not quick))
+        ctx = Context(settings, plan, out, _say, only=frozenset(only) if only else None)
+        if only:
+            groups = tuple(g for g in GROUPS if only & set(g.names))
+            if not groups:
+                _say(f"--only {','.join(sorted(only))}: no such scenario (scenarios: {', '.join(SCENARIOS)})")
+                return 2
+            results = run(run_groups(ctx, together=True, groups=groups))
+        else:
+            results = run(run_groups(ctx, together=not quick))
     finally:
         ipc.remove()
     elapsed = time.monotonic() - started

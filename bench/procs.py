@@ -118,10 +118,22 @@ class Server:
         with contextlib.suppress(psutil.Error):
             self.descendants.update({p.pid: p for p in psutil.Process(self.pid).children(recursive=True)})
 
-    async def wait_grpc_health(self, address: str, timeout: float = READY_TIMEOUT_S) -> float:
-        """Wait until grpc.health.v1 ``Check`` (service "") answers SERVING; return seconds since start."""
+    async def wait_grpc_health(
+        self,
+        address: str,
+        timeout: float = READY_TIMEOUT_S,
+        credentials: grpc.ChannelCredentials | None = None,
+    ) -> float:
+        """Wait until grpc.health.v1 ``Check`` (service "") answers SERVING; return seconds since start.
+
+        ``credentials``: the server speaks TLS."""
         deadline = time.monotonic() + timeout
-        async with grpc.aio.insecure_channel(address) as channel:
+        channel = (
+            grpc.aio.secure_channel(address, credentials)
+            if credentials
+            else grpc.aio.insecure_channel(address)
+        )
+        async with channel:
             stub = health_pb2_grpc.HealthStub(channel)
             while time.monotonic() < deadline:
                 self.check_alive()

@@ -1,7 +1,7 @@
 """Start the scenario groups, measure their scenarios in turns, stop them.
 
 A full run starts every group at once and takes every trial of every scenario in turn, so
-that all the ratios come from trials seconds apart (four engines, 11 GiB in use). A quick run
+that all the ratios come from trials seconds apart (five engines). A quick run
 measures one group after the other and starts the next one while one is measured (at most
 three engines alive).
 """
@@ -14,9 +14,9 @@ import contextlib
 import grpc
 
 from .load import BenchError
-from .scenarios import Context, Group, MeshGroup, Results, Turn, VllmGrpcGroup, VllmOpenAIGroup
+from .scenarios import Context, Group, MeshGroup, Results, SecureGroup, Turn, VllmGrpcGroup, VllmOpenAIGroup
 
-GROUPS: tuple[type[Group], ...] = (MeshGroup, VllmGrpcGroup, VllmOpenAIGroup)
+GROUPS: tuple[type[Group], ...] = (MeshGroup, SecureGroup, VllmGrpcGroup, VllmOpenAIGroup)
 
 
 async def run_groups(ctx: Context, together: bool, groups: tuple[type[Group], ...] = GROUPS) -> Results:

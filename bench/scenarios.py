@@ -3,6 +3,8 @@
 - ``inprocess``, ``expert``, ``gateway`` and ``relay``: AsyncLLM in a child process
   (:mod:`bench.inprocess`) and one expert process with the same engine settings, with the
   gateway and a bare relay (:mod:`bench.relay`) in front of the expert;
+- ``gateway_tls``: the same as ``gateway`` with security on, on an expert process of its own:
+  TLS and a bearer token from the client, mTLS between gateway and expert (:class:`SecureGroup`);
 - ``vllm_grpc``: vLLM's gRPC server (``vllm.grpc.engine.VllmEngine``);
 - ``vllm_openai``: vLLM's OpenAI-compatible HTTP server, streaming.
 
@@ -94,6 +96,12 @@ class Context:
     out: Path
     say: Callable[[str], None]
     results: Results = field(default_factory=Results)
+    #: Measure only these scenarios (``expertmesh bench --only``); None = all of them.
+    only: frozenset[str] | None = None
+
+    def wants(self, scenario: str) -> bool:
+        """True when ``scenario`` is to be measured."""
+        return self.only is None or scenario in self.only
 
     @property
     def log_dir(self) -> Path:
@@ -216,6 +224,9 @@ class MeshGroup(Group):
 
     async def start(self) -> None:
         """Start everything together; the gateway is ready once it sees the expert."""
+        if not self.ctx.wants("inprocess"):  # one engine fewer
+            await self._start_mesh()
+            return
         self.ctx.say("inprocess: starting AsyncLLM in a child process ...")
         async with asyncio.TaskGroup() as tasks:  # one failure cancels the other start
             inprocess = tasks.create_task(self.runner.start())
@@ -265,10 +276,14 @@ class MeshGroup(Group):
             ),
             ("relay", self.relay_addr, pb_grpc.GatewayStub, {"relay": self.relay.pid, "expert": expert_pid}),
         )
-        await self._inprocess_warm_up()
-        turns = [Turn("inprocess", self._inprocess_trial)]
+        turns = []
+        if ctx.wants("inprocess"):
+            await self._inprocess_warm_up()
+            turns.append(Turn("inprocess", self._inprocess_trial))
         requests = mesh_requests(plan, plan.max_tokens)
         for name, address, stub, roots in hops:
+            if not ctx.wants(name):
+                continue
             channel = await stack.enter_async_context(grpc.aio.insecure_channel(address))
             generate = stub(channel).Generate
             await ctx.warm_up(mesh_client(generate, mesh_requests(plan, plan.warmup_max_tokens)))
@@ -281,6 +296,100 @@ class MeshGroup(Group):
             if server is not None:
                 await server.stop()
         await self.runner.stop()
+
+
+class SecureGroup(Group):
+    """Scenario ``gateway_tls``: client -TLS + token-> gateway -mTLS-> an expert of its own.
+
+    The same engine settings, load and client as ``gateway``; only security differs, so the two
+    (measured in turns in a full run) give what TLS on both hops and token auth cost.
+    """
+
+    names = ("gateway_tls",)
+    TOKEN = "bench-" + "t" * 26
+
+    def __init__(self, ctx: Context) -> None:
+        super().__init__(ctx)
+        self.expert: Server | None = None
+        self.gateway: Server | None = None
+        self.expert_addr = self.gateway_addr = ""
+        self.credentials: grpc.ChannelCredentials | None = None
+
+    def _servers(self) -> tuple[Server, Server, grpc.ChannelCredentials, grpc.ChannelCredentials]:
+        from expertmesh.tls import client_credentials
+
+        from .pki import CA
+
+        ctx = self.ctx
+        folder = ctx.out / "pki"
+        folder.mkdir(parents=True, exist_ok=True)
+        ca = CA(folder, "bench")
+        gateway_cert, link_cert, expert_cert = ca.issue("gateway"), ca.issue("link"), ca.issue("expert")
+        tokens = folder / "tokens"
+        tokens.write_text(f"{self.TOKEN}\n")
+        expert = ctx.settings.expert_config().model_copy(update={"host": HOST, "port": free_port()})
+        config = MeshConfig.model_validate(
+            {
+                "experts": [
+                    {**expert.model_dump(mode="json", exclude_none=True), "internal_cert": expert_cert.pair()}
+                ],
+                "gateway": {"host": HOST, "port": free_port(), "tls": gateway_cert.pair()},
+                "internal_tls": {"ca_file": str(ca.file), **link_cert.pair()},
+                "auth": {"tokens_file": str(tokens)},
+                "grace_period_s": 5,
+                "max_restarts": 0,
+            }
+        )
+        path = ctx.out / "mesh-tls.json"
+        path.write_text(json.dumps(config.model_dump(mode="json", exclude_none=True), indent=2))
+        self.expert_addr = config.expert_address(0)
+        self.gateway_addr = f"{HOST}:{config.gateway.port}"
+        args = ["--config", str(path)]
+        expert_server = Server.python_module(
+            "expert_tls",
+            "expertmesh.services.expert",
+            [*args, "--expert-id", EXPERT_ID, "--port", str(config.expert_port(0))],
+            ctx.log_dir,
+            env=ctx.settings.env(),
+        )
+        gateway_server = Server.python_module(
+            "gateway_tls", "expertmesh.gateway", [*args, "--port", str(config.gateway.port)], ctx.log_dir
+        )
+        caller = client_credentials(str(ca.file))
+        link = client_credentials(str(ca.file), str(link_cert.cert_file), str(link_cert.key_file))
+        return expert_server, gateway_server, caller, link
+
+    async def start(self) -> None:
+        """Start the expert and the gateway; the gateway is ready once it sees the expert."""
+        self.expert, self.gateway, self.credentials, link = self._servers()
+        self.ctx.say(f"gateway_tls: starting at {self.gateway_addr}, expert_tls at {self.expert_addr} ...")
+        self.expert.start()
+        self.gateway.start()
+        await self.expert.wait_grpc_health(self.expert_addr, credentials=link)
+        self.ctx.started(
+            "gateway_tls",
+            await self.gateway.wait_grpc_health(self.gateway_addr, credentials=self.credentials),
+        )
+
+    async def turns(self, stack: contextlib.AsyncExitStack) -> list[Turn]:
+        """One TLS channel shared by every stream; every call carries the token."""
+        ctx, plan = self.ctx, self.ctx.plan
+        assert self.expert is not None and self.gateway is not None and self.credentials is not None
+        channel = await stack.enter_async_context(
+            grpc.aio.secure_channel(self.gateway_addr, self.credentials)
+        )
+        generate = functools.partial(
+            pb_grpc.GatewayStub(channel).Generate, metadata=(("authorization", f"Bearer {self.TOKEN}"),)
+        )
+        await ctx.warm_up(mesh_client(generate, mesh_requests(plan, plan.warmup_max_tokens)))
+        roots = {"gateway": self.gateway.pid, "expert": self.expert.pid}
+        return [ctx.turn("gateway_tls", mesh_client(generate, mesh_requests(plan, plan.max_tokens)), roots)]
+
+    async def stop(self) -> None:
+        """Stop the gateway, then the expert."""
+        for server in (self.gateway, self.expert):
+            if server is not None:
+                await server.stop()
 
 
 class VllmServerGroup(Group):

@@ -12,14 +12,16 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import grpc
 
-from expertmesh.client import DEFAULT_TARGET, MeshClient
+from expertmesh.client import DEFAULT_TARGET, TOKEN_ENV, MeshClient
 from expertmesh.config import ConfigError, MeshConfig, load_resolved
 from expertmesh.logs import setup_logging
 from expertmesh.rpc import stop_event_on_signals
 from expertmesh.supervisor import Supervisor
+from expertmesh.tls import TlsError
 from expertmesh.v1 import expertmesh_pb2 as pb
 
 CONFIG_HELP = "mesh config file (env: EXPERTMESH_CONFIG, legacy VLLM_CONFIG_PATH; default configs/demo.yaml)"
@@ -77,8 +79,13 @@ async def _up(config: MeshConfig, config_path: Path, log_dir: Path, exit_on_fail
     return code
 
 
+def _security(args: argparse.Namespace) -> dict[str, Any]:
+    """MeshClient's TLS and token arguments from the command line."""
+    return {"cacert": args.cacert, "cert": args.cert, "key": args.key, "token": args.token, "tls": args.tls}
+
+
 async def _stream(target: str, args: argparse.Namespace) -> int:
-    async with MeshClient(target, timeout=args.timeout) as mesh:
+    async with MeshClient(target, timeout=args.timeout, **_security(args)) as mesh:
         last: pb.GenerateResponse | None = None
         async for msg in mesh.stream(
             args.prompt,
@@ -100,11 +107,7 @@ async def _stream(target: str, args: argparse.Namespace) -> int:
     return 0
 
 
-#: How long ``experts`` waits for the gateway to answer.
-LIST_TIMEOUT_S = 5.0
-
-
-async def _list(target: str, as_json: bool = False) -> int:
+async def _list(target: str, args: argparse.Namespace) -> int:
     """Print the gateway's experts; exit 1 (with the cause) when the gateway does not answer."""
     from google.protobuf.json_format import MessageToDict
     from rich.table import Table
@@ -112,13 +115,13 @@ async def _list(target: str, as_json: bool = False) -> int:
     from expertmesh.console import console
 
     try:
-        async with MeshClient(target, timeout=LIST_TIMEOUT_S) as mesh:
+        async with MeshClient(target, timeout=args.timeout, **_security(args)) as mesh:
             reply = await mesh.list_experts()
     except grpc.aio.AioRpcError as err:
         cause = f"{err.code().name}: {err.details()}"
         print(f"error: the gateway at {target} did not answer: {cause}", file=sys.stderr)
         return 1
-    if as_json:
+    if args.json:
         print(json.dumps(MessageToDict(reply, preserving_proto_field_name=True), indent=2))
         return 0
     table = Table("expert_id", "domain", "address", "health", "state", "last_error")
@@ -189,11 +192,41 @@ def _version() -> str:
         return "unknown"
 
 
+async def _health(args: argparse.Namespace) -> int:
+    """One grpc.health.v1 Check over TLS: the probe for pods whose ports speak only TLS."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from expertmesh.tls import client_credentials
+
+    if args.cacert or args.cert or args.tls:
+        options = [("grpc.ssl_target_name_override", args.server_name)] if args.server_name else []
+        channel = grpc.aio.secure_channel(
+            args.address, client_credentials(args.cacert, args.cert, args.key), options
+        )
+    else:
+        channel = grpc.aio.insecure_channel(args.address)
+    async with channel:
+        reply = await health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout
+        )
+    status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+    print(status)
+    return 0 if status == "SERVING" else 1
+
+
 def _positive(text: str) -> int:
     """argparse type: a whole number >= 1."""
     if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
     return int(text)
+
+
+def _client_security(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--cacert", help="PEM CA that issued the gateway's certificate (implies TLS)")
+    parser.add_argument("--cert", help="PEM client certificate, for a gateway that requires one")
+    parser.add_argument("--key", help="PEM private key of --cert")
+    parser.add_argument("--tls", action="store_true", help="TLS with the system's CAs")
+    parser.add_argument("--token", help=f"bearer token (env: {TOKEN_ENV})")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -229,12 +262,25 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--temperature", type=float)
     gen.add_argument("--seed", type=int)
     gen.add_argument("--timeout", type=float, help="deadline in seconds")
+    _client_security(gen)
 
     ls = sub.add_parser("experts", help="list the experts with their health and state")
     ls.add_argument(
         "--gateway", default=os.environ.get("EXPERTMESH_GATEWAY", DEFAULT_TARGET), help=GATEWAY_HELP
     )
     ls.add_argument("--json", action="store_true", help="machine-readable output (ListExperts as JSON)")
+    ls.add_argument("--timeout", type=float, default=5.0, help="deadline in seconds (default 5)")
+    _client_security(ls)
+
+    health = sub.add_parser("health", help="check grpc.health.v1 at an address (TLS too); exit 0 if SERVING")
+    health.add_argument("address", help="host:port")
+    health.add_argument("--service", default="", help="service name (default: the server as a whole)")
+    health.add_argument("--timeout", type=float, default=3.0, help="deadline in seconds (default 3)")
+    health.add_argument("--cacert", help="PEM CA that issued the server's certificate (implies TLS)")
+    health.add_argument("--cert", help="PEM client certificate, for a server that requires one")
+    health.add_argument("--key", help="PEM private key of --cert")
+    health.add_argument("--tls", action="store_true", help="TLS with the system's CAs")
+    health.add_argument("--server-name", help="name to check in the server's certificate (default: the host)")
 
     check = sub.add_parser("check", help="preflight: find every config and model problem before loading")
     check.add_argument("--config", help=CONFIG_HELP)
@@ -250,6 +296,10 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--trials", type=_positive, help="trials per level, the best reported (default: 4, --quick 1)"
     )
+    bench.add_argument(
+        "--only",
+        help="comma-separated scenarios: run just their groups, in turns (e.g. gateway,gateway_tls)",
+    )
 
     build = sub.add_parser(
         "build-demo-models", help="build the demo models (the real instruct one, the tiny ones) into .models/"
@@ -261,7 +311,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``expertmesh`` command."""
     args = _parser().parse_args(argv)
-    setup_logging("WARNING" if args.command in ("generate", "experts") else None)
+    setup_logging("WARNING" if args.command in ("generate", "experts", "health") else None)
     try:
         if args.command in ("up", "demo"):
             config, source = load_resolved(args.config)
@@ -274,7 +324,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "generate":
             return asyncio.run(_stream(args.gateway, args))
         if args.command == "experts":
-            return asyncio.run(_list(args.gateway, as_json=args.json))
+            return asyncio.run(_list(args.gateway, args))
+        if args.command == "health":
+            return asyncio.run(_health(args))
         if args.command == "check":
             from expertmesh.preflight import main_check
 
@@ -286,7 +338,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "bench":
             from expertmesh.bench import main_bench
 
-            return main_bench(quick=args.quick, out=Path(args.out), trials=args.trials)
+            only = set(args.only.split(",")) if args.only else None
+            return main_bench(quick=args.quick, out=Path(args.out), trials=args.trials, only=only)
         if args.command == "build-demo-models":
             from expertmesh.demo_models import DEFAULT_MODELS_DIR, ensure_demo_models, ensure_real_model
 
@@ -294,7 +347,7 @@ def main(argv: list[str] | None = None) -> int:
             ensure_real_model(out)
             ensure_demo_models(out)
             return 0
-    except ConfigError as e:
+    except (ConfigError, TlsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except grpc.RpcError as e:

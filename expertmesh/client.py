@@ -7,11 +7,17 @@
     with SyncMeshClient("127.0.0.1:8080") as mesh:
         print(mesh.complete("Hello", temperature=0).text)
 
+TLS and tokens (see README, "Security")::
+
+    MeshClient("gw.example:8443", cacert="ca.pem", cert="me.pem", key="me.key", token="...")
+
+Every method takes ``timeout=`` (seconds) for that call, else the client's ``timeout``.
 Errors arrive as ``grpc.RpcError`` with the gateway's precise code and message.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,6 +28,47 @@ from expertmesh.v1 import expertmesh_pb2 as pb
 from expertmesh.v1 import expertmesh_pb2_grpc as pb_grpc
 
 DEFAULT_TARGET = "127.0.0.1:8080"
+#: The caller's bearer token when none is passed.
+TOKEN_ENV = "EXPERTMESH_TOKEN"
+
+
+@dataclass(frozen=True)
+class Security:
+    """How a client reaches a TLS gateway and who it says it is (all optional)."""
+
+    cacert: str | None = None
+    cert: str | None = None
+    key: str | None = None
+    token: str | None = None
+    tls: bool = False
+
+    @property
+    def secure(self) -> bool:
+        """TLS is on when asked for, or implied by a CA or a client certificate."""
+        return self.tls or bool(self.cacert or self.cert)
+
+    def credentials(self) -> grpc.ChannelCredentials:
+        """Channel credentials from the files."""
+        from expertmesh.tls import client_credentials
+
+        return client_credentials(self.cacert, self.cert, self.key)
+
+    def metadata(self, target: str) -> tuple[tuple[str, str], ...]:
+        """``authorization: Bearer <token>`` when there is a token (argument, else EXPERTMESH_TOKEN).
+
+        A token never goes in plaintext beyond this host: anyone on the path could replay it.
+        """
+        from expertmesh.tls import TlsError, is_loopback
+
+        token = self.token if self.token is not None else os.environ.get(TOKEN_ENV)
+        if not token:
+            return ()
+        host = target.split("///")[-1].rsplit(":", 1)[0].strip("[]")
+        if not self.secure and not is_loopback(host):
+            raise TlsError(
+                f"refusing to send a bearer token in plaintext to {target}: use TLS (--cacert or --tls)"
+            )
+        return (("authorization", f"Bearer {token}"),)
 
 
 @dataclass
@@ -77,10 +124,25 @@ def build_request(
 class MeshClient:
     """asyncio client. One channel, reused for every call; close it (or use ``async with``)."""
 
-    def __init__(self, target: str = DEFAULT_TARGET, *, timeout: float | None = None) -> None:
-        self.channel = grpc.aio.insecure_channel(target)
+    def __init__(
+        self,
+        target: str = DEFAULT_TARGET,
+        *,
+        timeout: float | None = None,
+        cacert: str | None = None,
+        cert: str | None = None,
+        key: str | None = None,
+        token: str | None = None,
+        tls: bool = False,
+    ) -> None:
+        security = Security(cacert, cert, key, token, tls)
+        if security.secure:
+            self.channel = grpc.aio.secure_channel(target, security.credentials())
+        else:
+            self.channel = grpc.aio.insecure_channel(target)
         self.gateway = pb_grpc.GatewayStub(self.channel)
         self.timeout = timeout
+        self.metadata = security.metadata(target)
 
     async def __aenter__(self) -> MeshClient:
         return self
@@ -92,9 +154,13 @@ class MeshClient:
         """Close the channel."""
         await self.channel.close()
 
-    async def stream(self, prompt: str | None = None, **kwargs: Any) -> AsyncIterator[pb.GenerateResponse]:
+    async def stream(
+        self, prompt: str | None = None, *, timeout: float | None = None, **kwargs: Any
+    ) -> AsyncIterator[pb.GenerateResponse]:
         """Every streamed GenerateResponse; keyword arguments as :func:`build_request`."""
-        call = self.gateway.Generate(build_request(prompt, **kwargs), timeout=self.timeout)
+        call = self.gateway.Generate(
+            build_request(prompt, **kwargs), timeout=timeout or self.timeout, metadata=self.metadata
+        )
         try:
             async for msg in call:
                 yield msg
@@ -114,18 +180,35 @@ class MeshClient:
             result.add(msg)
         return result
 
-    async def list_experts(self) -> pb.ListExpertsResponse:
+    async def list_experts(self, *, timeout: float | None = None) -> pb.ListExpertsResponse:
         """Every expert with its health and state."""
-        return await self.gateway.ListExperts(pb.ListExpertsRequest(), timeout=self.timeout)
+        return await self.gateway.ListExperts(
+            pb.ListExpertsRequest(), timeout=timeout or self.timeout, metadata=self.metadata
+        )
 
 
 class SyncMeshClient:
     """Blocking client with the same methods as :class:`MeshClient`."""
 
-    def __init__(self, target: str = DEFAULT_TARGET, *, timeout: float | None = None) -> None:
-        self.channel = grpc.insecure_channel(target)
+    def __init__(
+        self,
+        target: str = DEFAULT_TARGET,
+        *,
+        timeout: float | None = None,
+        cacert: str | None = None,
+        cert: str | None = None,
+        key: str | None = None,
+        token: str | None = None,
+        tls: bool = False,
+    ) -> None:
+        security = Security(cacert, cert, key, token, tls)
+        if security.secure:
+            self.channel = grpc.secure_channel(target, security.credentials())
+        else:
+            self.channel = grpc.insecure_channel(target)
         self.gateway = pb_grpc.GatewayStub(self.channel)
         self.timeout = timeout
+        self.metadata = security.metadata(target)
 
     def __enter__(self) -> SyncMeshClient:
         return self
@@ -137,9 +220,13 @@ class SyncMeshClient:
         """Close the channel."""
         self.channel.close()
 
-    def stream(self, prompt: str | None = None, **kwargs: Any) -> Iterator[pb.GenerateResponse]:
+    def stream(
+        self, prompt: str | None = None, *, timeout: float | None = None, **kwargs: Any
+    ) -> Iterator[pb.GenerateResponse]:
         """Every streamed GenerateResponse; keyword arguments as :func:`build_request`."""
-        call = self.gateway.Generate(build_request(prompt, **kwargs), timeout=self.timeout)
+        call = self.gateway.Generate(
+            build_request(prompt, **kwargs), timeout=timeout or self.timeout, metadata=self.metadata
+        )
         try:
             yield from call
         finally:
@@ -158,6 +245,8 @@ class SyncMeshClient:
             result.add(msg)
         return result
 
-    def list_experts(self) -> pb.ListExpertsResponse:
+    def list_experts(self, *, timeout: float | None = None) -> pb.ListExpertsResponse:
         """Every expert with its health and state."""
-        return self.gateway.ListExperts(pb.ListExpertsRequest(), timeout=self.timeout)
+        return self.gateway.ListExperts(
+            pb.ListExpertsRequest(), timeout=timeout or self.timeout, metadata=self.metadata
+        )

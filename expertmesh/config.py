@@ -26,6 +26,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 CONFIG_ENV_VARS = ("EXPERTMESH_CONFIG", "VLLM_CONFIG_PATH")
 #: The config used when neither the flag nor an environment variable names one.
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
+#: Names the gateway's tokens file; beats ``auth.tokens_file`` (e.g. a mounted Kubernetes Secret).
+TOKENS_FILE_ENV = "EXPERTMESH_TOKENS_FILE"
 
 
 class ConfigError(Exception):
@@ -35,6 +37,67 @@ class ConfigError(Exception):
 class _Strict(BaseModel):
     # Unknown keys are errors: the original server silently ignored what it did not know.
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class CertPair(_Strict):
+    """A certificate chain and its private key (PEM files), as one process presents them."""
+
+    cert_file: str = Field(description="PEM certificate chain, leaf first.")
+    key_file: str = Field(description="PEM private key of the leaf certificate.")
+
+
+class TlsConfig(CertPair):
+    """TLS on the gateway's port for callers; ``client_ca_file`` also requires client certificates."""
+
+    client_ca_file: str | None = Field(
+        default=None, description="PEM CA(s) whose client certificates callers must present (mTLS)."
+    )
+    ca_file: str | None = Field(
+        default=None,
+        description="CA that issued cert_file; lets `expertmesh up` check the gateway's health over "
+        "TLS (default: internal_tls.ca_file).",
+    )
+
+
+class InternalTlsConfig(CertPair):
+    """mTLS between the gateway and the experts: one mesh CA; each side shows a certificate from it."""
+
+    ca_file: str = Field(description="PEM CA of the mesh: experts accept only clients it issued.")
+    server_name: str | None = Field(
+        default=None,
+        description="Name the gateway checks in experts' certificates; default: the host dialled.",
+    )
+
+
+class TenantConfig(_Strict):
+    """What one tenant's tokens may do at the gateway."""
+
+    domains: list[str] = Field(
+        default_factory=list, description="Domains it may reach; empty = every domain."
+    )
+    max_concurrent_streams: int | None = Field(
+        default=None, gt=0, description="Streams at once; None = no bound."
+    )
+    tokens_per_minute: int | None = Field(
+        default=None, gt=0, description="Prompt + completion tokens per minute; None = no bound."
+    )
+
+
+class AuthConfig(_Strict):
+    """Bearer-token authentication at the gateway, and what each tenant may do."""
+
+    tokens_file: str | None = Field(
+        default=None,
+        description="One `TOKEN [TENANT]` a line (env EXPERTMESH_TOKENS_FILE overrides); re-read on change.",
+    )
+    tenants: dict[str, TenantConfig] = Field(
+        default_factory=dict, description="Tenant name -> limits; a token without a tenant is 'default'."
+    )
+    rate_window_s: float = Field(
+        default=60.0,
+        gt=0,
+        description="The sliding window tokens_per_minute is counted over (its budget scales with it).",
+    )
 
 
 class ExpertConfig(_Strict):
@@ -109,6 +172,12 @@ class ExpertConfig(_Strict):
     )
     max_streams_per_link: int = Field(
         default=2048, gt=0, description="Streams one gateway may open at once on one multiplexed call."
+    )
+    internal_cert: CertPair | None = Field(
+        default=None, description="This expert's own certificate pair; default: internal_tls's."
+    )
+    allow_insecure: bool = Field(
+        default=False, description="Listen on a non-loopback host without internal_tls (plaintext)."
     )
 
     @field_validator("stream_interval", mode="before")
@@ -206,8 +275,8 @@ class RoutingConfig(_Strict):
 class GatewayConfig(_Strict):
     """Where the gateway listens."""
 
-    host: str = "0.0.0.0"
-    port: int = Field(default=8080, ge=0, le=65535)
+    host: str = Field(default="0.0.0.0", description="Interface the gateway listens on.")
+    port: int = Field(default=8080, ge=0, le=65535, description="Its gRPC port.")
     metrics_port: int | None = Field(
         default=None, gt=0, le=65535, description="Prometheus /metrics port on host; None = off."
     )
@@ -222,6 +291,12 @@ class GatewayConfig(_Strict):
     max_streams_per_peer: int = Field(
         default=256, gt=0, description="Generate streams one client address may have open at once."
     )
+
+    tls: TlsConfig | None = Field(default=None, description="TLS for callers; None = plaintext.")
+    internal_cert: CertPair | None = Field(
+        default=None, description="The gateway's client certificate towards experts; default: internal_tls's."
+    )
+    reflection: bool = Field(default=True, description="Serve gRPC server reflection.")
 
 
 MIB = 1024 * 1024
@@ -292,6 +367,13 @@ class MeshConfig(_Strict):
     )
     limits: LimitsConfig = LimitsConfig()
     routing: RoutingConfig = RoutingConfig()
+    internal_tls: InternalTlsConfig | None = Field(
+        default=None, description="mTLS between the gateway and the experts; None = plaintext."
+    )
+    allow_insecure: bool = Field(
+        default=False, description="Every expert may listen on a non-loopback host without internal_tls."
+    )
+    auth: AuthConfig | None = Field(default=None, description="Token auth and tenants at the gateway.")
     experts: list[ExpertConfig] = Field(min_length=1)
 
     @model_validator(mode="after")
@@ -330,9 +412,33 @@ class MeshConfig(_Strict):
                     f"routing.fallbacks[{domain!r}] names {', '.join(map(repr, unknown))}: "
                     f"neither a domain nor an expert_id of this mesh"
                 )
+        for name, tenant in (self.auth.tenants if self.auth else {}).items():
+            unknown = [d for d in tenant.domains if d not in self.domains()]
+            if unknown:
+                problems.append(
+                    f"auth.tenants[{name!r}].domains names {', '.join(map(repr, unknown))}: not a domain "
+                    f"of this mesh (domains: {', '.join(self.domains())})"
+                )
         if problems:
             raise ValueError("\n".join(problems))
         return self
+
+    def expert_cert(self, expert_id: str) -> CertPair | None:
+        """The certificate pair the expert presents: its own, else internal_tls's; None = plaintext."""
+        if self.internal_tls is None:
+            return None
+        return self.expert(expert_id).internal_cert or self.internal_tls
+
+    def gateway_cert(self) -> CertPair | None:
+        """The gateway's client certificate towards experts; None without internal_tls."""
+        if self.internal_tls is None:
+            return None
+        return self.gateway.internal_cert or self.internal_tls
+
+    def tokens_file(self, environ: dict[str, str] | None = None) -> str | None:
+        """The tokens file: EXPERTMESH_TOKENS_FILE, else auth.tokens_file; None = auth off."""
+        env = os.environ if environ is None else environ
+        return env.get(TOKENS_FILE_ENV) or (self.auth.tokens_file if self.auth else None)
 
     def domains(self) -> list[str]:
         """Configured domains in first-seen order."""
@@ -409,8 +515,16 @@ _SECTIONS: dict[str, type[BaseModel]] = {
     "gateway": GatewayConfig,
     "routing": RoutingConfig,
     "limits": LimitsConfig,
+    "internal_tls": InternalTlsConfig,
+    "auth": AuthConfig,
 }
-_SUBSECTIONS: dict[str, type[BaseModel]] = {"domains": DomainRules}
+_SUBSECTIONS: dict[str, type[BaseModel]] = {"domains": DomainRules, "tenants": TenantConfig}
+#: Sections one level down that are a model of their own (``gateway.tls.x``).
+_NESTED: dict[tuple[str, str], type[BaseModel]] = {
+    ("gateway", "tls"): TlsConfig,
+    ("gateway", "internal_cert"): CertPair,
+    ("experts", "internal_cert"): CertPair,
+}
 
 
 def _format_validation_error(path: Path, err: ValidationError) -> str:
@@ -420,7 +534,10 @@ def _format_validation_error(path: Path, err: ValidationError) -> str:
         if e["type"] == "extra_forbidden":
             key = str(e["loc"][-1])
             model: type[BaseModel] = MeshConfig
-            if len(e["loc"]) > 1 and e["loc"][0] == "experts":
+            nested = (str(e["loc"][0]), str(e["loc"][-2])) if len(e["loc"]) > 2 else None
+            if nested in _NESTED:
+                model = _NESTED[nested]
+            elif len(e["loc"]) > 1 and e["loc"][0] == "experts":
                 model = ExpertConfig
             elif len(e["loc"]) > 3 and e["loc"][1] in _SUBSECTIONS:
                 model = _SUBSECTIONS[str(e["loc"][1])]
@@ -467,7 +584,34 @@ def _anchor_paths(config: MeshConfig, base: Path) -> MeshConfig:
         if given.is_absolute() or e.model_path.startswith((".", "~")) or anchored.exists():
             e = e.model_copy(update={"model_path": str(anchored.resolve())})
         experts.append(e)
-    return config.model_copy(update={"experts": experts})
+    return _anchor_security(config.model_copy(update={"experts": experts}), base)
+
+
+def _anchor_security(config: MeshConfig, base: Path) -> MeshConfig:
+    """Certificate, key and tokens paths relative to the config file's folder, as model paths are."""
+
+    def fix(model: Any) -> Any:
+        if model is None:
+            return None
+        update = {}
+        for name in ("cert_file", "key_file", "ca_file", "client_ca_file", "tokens_file"):
+            value = getattr(model, name, None)
+            if value:
+                update[name] = str((base / Path(value).expanduser()).resolve())
+        return model.model_copy(update=update)
+
+    gateway = config.gateway.model_copy(
+        update={"tls": fix(config.gateway.tls), "internal_cert": fix(config.gateway.internal_cert)}
+    )
+    experts = [e.model_copy(update={"internal_cert": fix(e.internal_cert)}) for e in config.experts]
+    return config.model_copy(
+        update={
+            "gateway": gateway,
+            "experts": experts,
+            "internal_tls": fix(config.internal_tls),
+            "auth": fix(config.auth),
+        }
+    )
 
 
 def load_config(source: ConfigSource | str | os.PathLike[str]) -> MeshConfig:

@@ -75,6 +75,22 @@ class ResourceExhausted(MeshError):
     trailers = ((REASON_KEY, OVERLOADED), (PUSHBACK_KEY, str(PUSHBACK_MS)))
 
 
+class RateLimited(ResourceExhausted):
+    """A tenant's limit was hit; the caller may retry after ``retry_after_s`` (gRPC retry pushback)."""
+
+    def __init__(self, message: str, retry_after_s: float) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+        # grpc-retry-pushback-ms: what gRPC clients with a retry policy wait for
+        self.trailers = ((REASON_KEY, OVERLOADED), (PUSHBACK_KEY, str(max(int(retry_after_s * 1000), 1))))
+
+
+class PermissionDenied(MeshError):
+    """An authenticated caller asked for something its tenant may not use."""
+
+    code = grpc.StatusCode.PERMISSION_DENIED
+
+
 class FailedPrecondition(MeshError):
     """The expert is not in a state that allows the operation (e.g. unloading while busy)."""
 

@@ -97,14 +97,19 @@ class _HealthServicer(health.aio.HealthServicer):  # type: ignore[misc]
 class Health:
     """grpc.health.v1 for one server: the overall status ("") and each named service."""
 
-    def __init__(self, server: grpc.aio.Server, services: list[str]) -> None:
+    def __init__(self, server: grpc.aio.Server, services: list[str], reflect: bool = True) -> None:
         self.servicer = _HealthServicer()
         self.services = ["", *services]
         health_pb2_grpc.add_HealthServicer_to_server(self.servicer, server)
-        reflection.enable_server_reflection(
-            [*services, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
-            server,
-        )
+        if reflect:
+            reflection.enable_server_reflection(
+                [
+                    *services,
+                    health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                    reflection.SERVICE_NAME,
+                ],
+                server,
+            )
 
     async def set(self, serving: bool) -> None:
         """Report SERVING or NOT_SERVING for every service of this server."""
@@ -125,10 +130,16 @@ def stop_event_on_signals() -> asyncio.Event:
     return stop
 
 
-def bind(server: grpc.aio.Server, host: str, port: int) -> int:
-    """Listen on host:port (port 0 = any free port) and return the port actually bound."""
+def bind(
+    server: grpc.aio.Server, host: str, port: int, credentials: grpc.ServerCredentials | None = None
+) -> int:
+    """Listen on host:port (port 0 = any free port), with TLS when ``credentials`` are given, and
+    return the port actually bound."""
     target = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    bound = server.add_insecure_port(target)
+    if credentials is None:
+        bound = server.add_insecure_port(target)
+    else:
+        bound = server.add_secure_port(target, credentials)
     if bound == 0:
         raise OSError(f"cannot listen on {target}: address in use or not available")
     return bound

@@ -37,6 +37,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from expertmesh.config import MeshConfig
 from expertmesh.logs import log_tail
 from expertmesh.services.expert.ipc_dir import remove_left_by
+from expertmesh.tls import TlsError, probe_channel
 from expertmesh.v1 import expertmesh_pb2 as pb
 from expertmesh.v1 import expertmesh_pb2_grpc as pb_grpc
 
@@ -190,7 +191,14 @@ class Supervisor:
         """Report health transitions (STARTING -> NOT_SERVING -> SERVING) as they happen; kill a
         child that answered before and has stopped answering for ``unresponsive_restart_s``."""
         limit = self.config.unresponsive_restart_s
-        async with grpc.aio.insecure_channel(child.address, options=WATCH_CHANNEL_OPTIONS) as channel:
+        try:
+            channel = probe_channel(
+                self.config, child.address, gateway=child is self.gateway, extra=WATCH_CHANNEL_OPTIONS
+            )
+        except TlsError as e:
+            self.report(f"{child.name}: cannot check its health: {e}")
+            return
+        async with channel:
             stub = health_pb2_grpc.HealthStub(channel)
             expert = pb_grpc.ExpertStub(channel)
             late = 0  # health checks in a row that ran past their deadline

@@ -8,7 +8,9 @@ import sys
 from expertmesh import loop
 from expertmesh.config import ConfigError, load_resolved
 from expertmesh.logs import setup_logging
+from expertmesh.tls import TlsError
 
+from .auth import TokensError
 from .server import serve
 
 
@@ -24,7 +26,11 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    return loop.run(serve(config, source.path, args.port))
+    try:
+        return loop.run(serve(config, source.path, args.port))
+    except (TokensError, TlsError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -40,11 +40,18 @@ class ExpertLink:
         address: str,
         ejection: Ejection | None = None,
         limits: LimitsConfig | None = None,
+        credentials: grpc.ChannelCredentials | None = None,
+        options: list[tuple[str, str]] | None = None,
     ) -> None:
         self.expert_id = expert_id
         self.address = address
         limits = limits or LimitsConfig()
-        self.channel = grpc.aio.insecure_channel(address, options=channel_options(limits.max_message_bytes))
+        shared = channel_options(limits.max_message_bytes)
+        # With internal_tls: the mesh CA, the gateway's client certificate (expertmesh.tls.link_security).
+        if credentials is None:
+            self.channel = grpc.aio.insecure_channel(address, options=shared)
+        else:
+            self.channel = grpc.aio.secure_channel(address, credentials, [*shared, *(options or [])])
         self.stub = pb_grpc.ExpertStub(self.channel)  # built once: a stub makes one callable per RPC
         self.mux = Multiplexer(self.stub, limits)  # every Generate to this replica, over one call
         self.health = "UNKNOWN"

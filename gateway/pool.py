@@ -6,7 +6,10 @@ import asyncio
 import logging
 from collections.abc import Iterable
 
+import grpc
+
 from expertmesh.config import MeshConfig
+from expertmesh.tls import TlsError, link_files, link_security
 
 from .ejection import Ejection
 from .health import ExpertLink
@@ -30,6 +33,38 @@ class Pool:
         self.replicas: dict[str, list[ExpertLink]] = {}
         self.changed = asyncio.Event()
         self._retired: list[ExpertLink] = []
+        self._security: tuple[grpc.ChannelCredentials | None, list[tuple[str, str]]] | None = None
+        self._stamp: tuple[float, ...] | None = None
+        self.renewals = 0
+
+    def _link_security(self, config: MeshConfig) -> bool:
+        """Read the gateway's link certificates if they changed; True when links must be renewed.
+
+        On a broken file the links keep the certificates in use (and the log says why); at start,
+        with none in use yet, the error stops the gateway.
+        """
+        stamp = link_files(config)
+        if stamp == self._stamp:
+            return False
+        self._stamp = stamp  # a broken file is reported once, not every second
+        try:
+            security = link_security(config)
+        except TlsError as e:
+            if self._security is None:
+                raise
+            log.error("link certificate reload rejected, keeping the certificates in use: %s", e)
+            return False
+        renew = self._security is not None
+        self._security = security
+        return renew
+
+    def refresh_security(self, config: MeshConfig) -> None:
+        """Renew every link when the gateway's certificate files changed (and are valid).
+
+        New links carry new requests at once; the old ones close after their last stream.
+        """
+        if link_files(config) != self._stamp:
+            self.apply(config)
 
     def links(self) -> Iterable[ExpertLink]:
         """Every current link."""
@@ -42,8 +77,15 @@ class Pool:
         A retired link is closed only once its open streams have finished, so a reload never
         drops a stream in flight.
         """
+        renew = self._link_security(config)
+        assert self._security is not None
+        credentials, options = self._security
         wanted = replica_addresses(config)
-        current = {(link.expert_id, link.address): link for link in self.links()}
+        current = {} if renew else {(link.expert_id, link.address): link for link in self.links()}
+        if renew:
+            self.renewals += 1
+            log.info("link certificates changed: renewing the links to every expert")
+            self._retired.extend(self.links())
         routing = config.routing
         replicas: dict[str, list[ExpertLink]] = {}
         for expert_id, addresses in wanted.items():
@@ -51,7 +93,7 @@ class Pool:
             for address in addresses:
                 link = current.pop((expert_id, address), None)
                 if link is None:
-                    link = ExpertLink(expert_id, address, Ejection(), config.limits)
+                    link = ExpertLink(expert_id, address, Ejection(), config.limits, credentials, options)
                     link.start()
                     log.info("expert %s: replica %s added", expert_id, address)
                 link.ejection.after_failures = routing.eject_after_failures

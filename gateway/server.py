@@ -23,13 +23,16 @@ from expertmesh.config import ConfigError, MeshConfig, load_config
 from expertmesh.loop import freeze_heap
 from expertmesh.rpc import Health, bind, server_options, stop_event_on_signals
 from expertmesh.telemetry import Identity, start_telemetry, watch_replicas
+from expertmesh.tls import gateway_server_certs
 from expertmesh.v1 import expertmesh_pb2 as pb
 from expertmesh.v1 import expertmesh_pb2_grpc as pb_grpc
 
+from .auth import TokenAuth, TokensFile
 from .classify import Classifier
 from .pool import Pool
 from .router import Router
 from .servicer import GatewayServicer
+from .tenants import Tenants
 
 log = logging.getLogger(__name__)
 SERVICE = pb.DESCRIPTOR.services_by_name["Gateway"].full_name
@@ -61,10 +64,13 @@ async def _router(config: MeshConfig) -> Router:
 class Reloader:
     """Re-reads the config file on SIGHUP or when it changes; applies it only when valid."""
 
-    def __init__(self, path: Path, servicer: GatewayServicer, pool: Pool) -> None:
+    def __init__(
+        self, path: Path, servicer: GatewayServicer, pool: Pool, tokens: TokensFile | None = None
+    ) -> None:
         self.path = path
         self.servicer = servicer
         self.pool = pool
+        self.tokens = tokens
         self.requested = asyncio.Event()
         self._mtime = self._stat()
 
@@ -84,7 +90,12 @@ class Reloader:
         old = self.servicer.router.config
         if config.gateway != old.gateway:
             log.warning("config reload: gateway listen settings change only on restart")
+        if (config.auth is None) != (old.auth is None) or config.internal_tls != old.internal_tls:
+            log.warning("config reload: turning auth on or off and internal_tls change only on restart")
+        if self.tokens is not None and config.auth is not None:
+            self.tokens.tenants = set(config.auth.tenants)
         self.servicer.router = await _router(config)
+        self.servicer.tenants.apply(config.auth)
         self.pool.apply(config)
         log.info(
             "config reloaded from %s: %d experts, fallbacks %s",
@@ -100,6 +111,7 @@ class Reloader:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.requested.wait(), WATCH_CONFIG_S)
             await self.pool.reap()
+            self.pool.refresh_security(self.servicer.router.config)
             mtime = self._stat()
             if self.requested.is_set() or mtime != self._mtime:
                 self.requested.clear()
@@ -115,26 +127,50 @@ async def serve(
 ) -> int:
     """Serve until SIGTERM/SIGINT (or ``stop``); return the process exit code."""
     stop = stop or stop_event_on_signals()
+    # Secrets first: a gateway with unusable tokens or certificates must not start at all.
+    tokens_path = config.tokens_file()
+    # Every tenant a token names must be declared in auth.tenants: a typo must not turn a
+    # restricted caller into an unrestricted one.
+    tenant_names = set(config.auth.tenants) if config.auth else set()
+    tokens = TokensFile(tokens_path, tenant_names) if tokens_path else None
+    certs = gateway_server_certs(config)
     telemetry = start_telemetry(Identity("gateway"), config.gateway.metrics_port, config.gateway.host)
     pool = Pool()
     pool.apply(config)
     watch_replicas(lambda: [(x.expert_id, x.address, x.health, x.ejection.ejected()) for x in pool.links()])
-    servicer = GatewayServicer(await _router(config), pool)
+    servicer = GatewayServicer(await _router(config), pool, Tenants(config.auth))
     freeze_heap()  # what start-up left (torch too, with the embeddings classifier)
-    server = grpc.aio.server(options=server_options(config.limits.max_message_bytes))
+    interceptors = [TokenAuth(tokens)] if tokens else []
+    server = grpc.aio.server(
+        options=server_options(config.limits.max_message_bytes), interceptors=interceptors
+    )
     pb_grpc.add_GatewayServicer_to_server(servicer, server)
-    health = Health(server, [SERVICE])
+    health = Health(server, [SERVICE], reflect=config.gateway.reflection)
     await health.set(False)
-    bound = bind(server, config.gateway.host, config.gateway.port if port is None else port)
+    bound = bind(
+        server,
+        config.gateway.host,
+        config.gateway.port if port is None else port,
+        certs.credentials() if certs else None,
+    )
     await server.start()
     tasks = [asyncio.create_task(_mirror_health(pool, health))]
+    if tokens is not None:
+        tasks.append(asyncio.create_task(tokens.watch()))
     if config.gateway.reserved_cores:  # beside experts on one host, keep off their engines' cores
         tasks.append(asyncio.create_task(cpus.keep_placed("gateway")))
     if config_path is not None:
-        reloader = Reloader(config_path, servicer, pool)
+        reloader = Reloader(config_path, servicer, pool, tokens)
         asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, reloader.requested.set)
         tasks.append(asyncio.create_task(reloader.run()))
-    log.info("gateway listening on %s:%d for %d experts", config.gateway.host, bound, len(config.experts))
+    log.info(
+        "gateway listening on %s:%d (%s, %s) for %d experts",
+        config.gateway.host,
+        bound,
+        ("mTLS" if config.gateway.tls.client_ca_file else "TLS") if config.gateway.tls else "plaintext",
+        f"tokens from {tokens.path}" if tokens else "no auth",
+        len(config.experts),
+    )
     try:
         await stop.wait()
     finally:

@@ -16,9 +16,11 @@ from expertmesh.v1 import expertmesh_pb2_grpc as pb_grpc
 from expertmesh.validation import check_request
 
 from .admission import Admission
+from .auth import current_tenant
 from .forward import Forwarder, ordered_replicas
 from .pool import Pool
 from .router import Router
+from .tenants import Tenants
 
 log = logging.getLogger(__name__)
 INFO_TIMEOUT_S = 1.0
@@ -27,9 +29,12 @@ INFO_TIMEOUT_S = 1.0
 class GatewayServicer(pb_grpc.GatewayServicer):
     """Routes each request; ``router`` is replaced as a whole when the config is reloaded."""
 
-    def __init__(self, router: Router, pool: Pool, admission: Admission | None = None) -> None:
+    def __init__(
+        self, router: Router, pool: Pool, tenants: Tenants | None = None, admission: Admission | None = None
+    ) -> None:
         self.router = router
         self.pool = pool
+        self.tenants = tenants or Tenants(router.config.auth)
         gw = router.config.gateway
         self.admission = admission or Admission(gw.max_concurrent_streams, gw.max_streams_per_peer)
 
@@ -43,13 +48,17 @@ class GatewayServicer(pb_grpc.GatewayServicer):
             check_request(request, router.config.limits)  # before any routing work
             if not request.request_id:
                 request.request_id = uuid.uuid4().hex  # so that every log line and both hops share it
-            route = await router.route(request)
+            tenant = current_tenant.get()
+            route = self.tenants.permit(tenant, request, await router.route(request))
             note_route(route.domain, route.signal, route.confidence)
             forwarder = Forwarder(request, route, self.pool, router.config.routing, context)
+            lease = self.tenants.admit(tenant, request)
             try:
                 async for msg in forwarder.stream():
+                    lease.observe(msg)
                     yield msg
             finally:
+                lease.close()
                 log.info(
                     "request %s -> domain %s (%s %.2f): %s",
                     request.request_id or "-",
@@ -62,7 +71,7 @@ class GatewayServicer(pb_grpc.GatewayServicer):
     @grpc_errors
     async def Route(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> pb.RouteDecision:
         check_request(request, self.router.config.limits)
-        route = await self.router.route(request)
+        route = self.tenants.permit(current_tenant.get(), request, await self.router.route(request))
         decision = route.decision()
         for expert in route.experts:
             links = ordered_replicas(self.pool.replicas.get(expert.expert_id, []))
@@ -76,7 +85,10 @@ class GatewayServicer(pb_grpc.GatewayServicer):
         self, request: pb.ListExpertsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListExpertsResponse:
         config = self.router.config
-        statuses = await asyncio.gather(*(self._status(e.expert_id, e.domain) for e in config.experts))
+        tenant = current_tenant.get()
+        allowed = self.tenants.state(tenant).config.domains if tenant is not None else []
+        experts = [e for e in config.experts if not allowed or e.domain in allowed]  # a tenant sees its own
+        statuses = await asyncio.gather(*(self._status(e.expert_id, e.domain) for e in experts))
         return pb.ListExpertsResponse(experts=statuses, default_domain=config.effective_default_domain())
 
     async def _status(self, expert_id: str, domain: str) -> pb.ExpertStatus:

@@ -38,6 +38,18 @@ API_VERSIONS = {
     "Service": "v1",
     "Deployment": "apps/v1",
     "PodDisruptionBudget": "policy/v1",
+    "NetworkPolicy": "networking.k8s.io/v1",
+}
+#: Volume types the "restricted" Pod Security Standard allows.
+RESTRICTED_VOLUMES = {
+    "configMap",
+    "csi",
+    "downwardAPI",
+    "emptyDir",
+    "ephemeral",
+    "persistentVolumeClaim",
+    "projected",
+    "secret",
 }
 
 
@@ -118,7 +130,9 @@ def test_manifests_found() -> None:
     kinds = sorted(doc["kind"] for _, doc in DOCS)
     assert kinds.count("Deployment") == 6  # five experts and the gateway
     assert kinds.count("Service") == 6
-    assert {"Namespace", "ConfigMap", "PersistentVolumeClaim", "PodDisruptionBudget"} <= set(kinds)
+    assert {"Namespace", "ConfigMap", "PersistentVolumeClaim", "PodDisruptionBudget", "NetworkPolicy"} <= set(
+        kinds
+    )
 
 
 @pytest.mark.parametrize(
@@ -133,11 +147,11 @@ def test_manifest_validates_against_kubernetes_schema(doc: dict[str, Any]) -> No
 def test_schema_validation_catches_mistakes(gateway: dict[str, Any]) -> None:
     """The validation above is not vacuous: a typo, a wrong type, a retired apiVersion all fail."""
     typo = copy.deepcopy(gateway)
-    _container(typo)["readinessProbe"]["grpc"]["prot"] = 8080
+    _container(typo)["livenessProbe"]["tcpSocket"]["prot"] = 8080
     with pytest.raises(kubernetes_validate.ValidationError, match="'prot' was unexpected"):
         kubernetes_validate.validate(typo, K8S_VERSION, strict=True)
     wrong_type = copy.deepcopy(gateway)
-    _container(wrong_type)["readinessProbe"]["grpc"]["port"] = "grpc"  # grpc probes take a number
+    _container(wrong_type)["readinessProbe"]["periodSeconds"] = "5"  # a number, not a string
     with pytest.raises(kubernetes_validate.ValidationError, match="not of type 'integer'"):
         kubernetes_validate.validate(wrong_type, K8S_VERSION, strict=True)
     retired = {**gateway, "apiVersion": "extensions/v1beta1"}
@@ -173,7 +187,10 @@ def test_configmap_holds_the_production_experts(mesh: MeshConfig) -> None:
     assert [e.model_dump(exclude=deploy_only) for e in mesh.experts] == [
         e.model_dump(exclude=deploy_only) for e in prod.experts
     ]
-    assert mesh.model_dump(exclude={"experts"}) == prod.model_dump(exclude={"experts"})
+    # ... and in the Secrets it reads certificates and tokens from (see test_pods_read_their_secrets)
+    security = {"experts", "internal_tls", "auth", "gateway"}
+    assert mesh.model_dump(exclude=security) == prod.model_dump(exclude=security)
+    assert mesh.gateway.model_dump(exclude={"tls"}) == prod.gateway.model_dump(exclude={"tls"})
     assert all(e.load == "eager" for e in mesh.experts)
     assert [e.expert_id for e in mesh.experts] == [
         "phi4_fast",
@@ -232,13 +249,34 @@ def test_expert_addresses_are_their_services(
         assert _container_port(container, service_port["targetPort"]) == listen
 
 
-def test_expert_probes_use_grpc_health_on_the_listen_port(experts: dict[str, dict[str, Any]]) -> None:
-    for dep in experts.values():
+def _health_probe(container: dict[str, Any], probe: str) -> dict[str, str]:
+    """An exec probe running ``expertmesh health ADDRESS --flag value ...``, as flag -> value."""
+    command = container[probe]["exec"]["command"]
+    assert command[:5] == ["python", "-m", "expertmesh.cli", "health", command[4]], command
+    flags = command[5:]
+    assert len(flags) % 2 == 0 and all(f.startswith("--") for f in flags[::2]), command
+    assert "--service" not in flags  # the overall status ""
+    return {"address": command[4], **dict(zip(flags[::2], flags[1::2], strict=True))}
+
+
+def test_expert_probes_check_grpc_health_over_mtls_on_the_listen_port(
+    mesh: MeshConfig, experts: dict[str, dict[str, Any]]
+) -> None:
+    """The kubelet's gRPC probe speaks no TLS: `expertmesh health` with the expert's own certificate."""
+    assert mesh.internal_tls is not None
+    for expert_id, dep in experts.items():
         container = _container(dep)
         listen = int(_arg(container, "--port"))
+        address = mesh.expert(expert_id).address or ""
         for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-            assert container[probe]["grpc"]["port"] == listen, f"{dep['metadata']['name']} {probe}"
-            assert "service" not in container[probe]["grpc"]  # the overall status ""
+            flags = _health_probe(container, probe)
+            assert flags == {
+                "address": f"127.0.0.1:{listen}",
+                "--server-name": address.rsplit(":", 1)[0],  # the name the gateway checks too
+                "--cacert": mesh.internal_tls.ca_file,
+                "--cert": mesh.internal_tls.cert_file,
+                "--key": mesh.internal_tls.key_file,
+            }, f"{dep['metadata']['name']} {probe}"
         startup = container["startupProbe"]
         # loading a large model (gemma-3-27b) takes minutes: allow at least 15
         assert startup["failureThreshold"] * startup["periodSeconds"] >= 15 * 60
@@ -279,7 +317,12 @@ def test_gateway(mesh: MeshConfig, gateway: dict[str, Any]) -> None:
     assert gateway["spec"]["replicas"] == 2
     assert mesh.gateway.host == "0.0.0.0"
     port = mesh.gateway.port
-    assert container["readinessProbe"]["grpc"]["port"] == port
+    assert mesh.gateway.tls is not None
+    assert _health_probe(container, "readinessProbe") == {
+        "address": f"127.0.0.1:{port}",
+        "--server-name": "gateway.expertmesh.svc.cluster.local",
+        "--cacert": mesh.gateway.tls.ca_file,
+    }
     # liveness must not follow the experts' health: restarting the gateway cannot fix them
     assert "grpc" not in container["livenessProbe"]
     assert container["livenessProbe"]["tcpSocket"]["port"] == port
@@ -323,3 +366,93 @@ def test_dockerfile_installs_existing_extras() -> None:
     assert {"gpu", "cpu"} <= set(extras)
     assert '"/tmp/src[cpu]"' in dockerfile and '"/tmp/src[$VARIANT]"' in dockerfile
     assert 'CMD ["python", "-m", "expertmesh.gateway"]' in dockerfile
+
+
+def _pods() -> list[tuple[str, dict[str, Any]]]:
+    return [(name, dep["spec"]["template"]["spec"]) for name, dep in _of_kind("Deployment").items()]
+
+
+def test_pods_pass_pod_security_restricted() -> None:
+    """runAsNonRoot, seccomp RuntimeDefault, no privilege escalation, every capability dropped."""
+    (namespace,) = _of_kind("Namespace").values()
+    assert namespace["metadata"]["labels"]["pod-security.kubernetes.io/enforce"] == "restricted"
+    for name, pod in _pods():
+        pod_context = pod["securityContext"]
+        assert pod_context["runAsNonRoot"] is True, name
+        assert pod_context.get("runAsUser", 1) != 0, name
+        assert pod_context["seccompProfile"]["type"] == "RuntimeDefault", name
+        assert not pod.get("hostNetwork") and not pod.get("hostPID") and not pod.get("hostIPC"), name
+        for volume in pod["volumes"]:
+            kinds = set(volume) - {"name"}
+            assert kinds <= RESTRICTED_VOLUMES, f"{name}: volume {volume['name']} is {kinds}"
+        for container in [*pod["containers"], *pod.get("initContainers", [])]:
+            context = container["securityContext"]
+            assert context["allowPrivilegeEscalation"] is False, name
+            assert context["capabilities"]["drop"] == ["ALL"], name
+            assert not context["capabilities"].get("add"), name
+            assert not context.get("privileged"), name
+            assert context.get("runAsNonRoot", True) is True, name
+            assert context.get("seccompProfile", {"type": "RuntimeDefault"})["type"] in (
+                "RuntimeDefault",
+                "Localhost",
+            )
+
+
+def _mount_of(name: str, pod: dict[str, Any], path: str) -> dict[str, Any]:
+    """The Secret volume mounted at the folder of ``path``."""
+    container = pod["containers"][0]
+    folder = str(PurePosixPath(path).parent)
+    (mount,) = [m for m in container["volumeMounts"] if m["mountPath"] == folder]
+    assert mount.get("readOnly") is True, f"{name}: {folder}"
+    assert "subPath" not in mount  # a subPath mount would not see a rotated Secret
+    (volume,) = [v for v in pod["volumes"] if v["name"] == mount["name"]]
+    return dict(volume["secret"])
+
+
+def test_pods_read_their_secrets(mesh: MeshConfig, gateway: dict[str, Any]) -> None:
+    """Certificates and tokens come from Secrets, mounted where the config reads them."""
+    internal, tls, auth = mesh.internal_tls, mesh.gateway.tls, mesh.auth
+    assert internal is not None and tls is not None and auth is not None and auth.tokens_file
+    for name, pod in _pods():
+        is_gateway = name == gateway["metadata"]["name"]
+        mesh_secret = {"expertmesh-mesh-gateway" if is_gateway else "expertmesh-mesh-expert"}
+        for path in (internal.ca_file, internal.cert_file, internal.key_file):
+            assert {_mount_of(name, pod, path)["secretName"]} == mesh_secret
+    gateway_pod = gateway["spec"]["template"]["spec"]
+    for path in (tls.cert_file, tls.key_file, tls.ca_file or ""):
+        assert _mount_of("gateway", gateway_pod, path)["secretName"] == "expertmesh-gateway-tls"
+    assert _mount_of("gateway", gateway_pod, auth.tokens_file)["secretName"] == "expertmesh-tokens"
+    # every expert listens on 0.0.0.0: only with internal_tls may it (see expertmesh.tls)
+    assert all(e.host == "0.0.0.0" and not e.allow_insecure for e in mesh.experts)
+    assert not mesh.allow_insecure
+
+
+def _allows(policy: dict[str, Any], pod_labels: dict[str, str]) -> bool:
+    selector = policy["spec"]["podSelector"].get("matchLabels", {})
+    return all(pod_labels.get(k) == v for k, v in selector.items())
+
+
+def test_network_policies_let_only_the_gateway_reach_experts(
+    experts: dict[str, dict[str, Any]], gateway: dict[str, Any]
+) -> None:
+    policies = _of_kind("NetworkPolicy")
+    (deny,) = [p for p in policies.values() if p["spec"]["podSelector"] == {} and "ingress" not in p["spec"]]
+    assert deny["spec"]["policyTypes"] == ["Ingress"]  # default: nothing gets in
+    gateway_labels = gateway["spec"]["template"]["metadata"]["labels"]
+    for dep in experts.values():
+        labels = dep["spec"]["template"]["metadata"]["labels"]
+        listen = int(_arg(_container(dep), "--port"))
+        rules = [r for p in policies.values() if _allows(p, labels) for r in p["spec"].get("ingress", [])]
+        assert rules, dep["metadata"]["name"]
+        for rule in rules:  # every way in names the gateway's pods, and only the expert port
+            peers = rule["from"]
+            assert peers and all(set(peer) == {"podSelector"} for peer in peers)
+            assert all(
+                all(gateway_labels.get(k) == v for k, v in peer["podSelector"]["matchLabels"].items())
+                for peer in peers
+            )
+            assert [p["port"] for p in rule["ports"]] == [listen]
+    (gateway_policy,) = [
+        p for p in policies.values() if _allows(p, gateway_labels) and p["spec"].get("ingress")
+    ]
+    assert [p["port"] for r in gateway_policy["spec"]["ingress"] for p in r["ports"]] == [8080]

@@ -30,6 +30,7 @@ from expertmesh.preflight.model_facts import check_max_model_len, read_model_fac
 from expertmesh.preflight.model_files import inspect_model_files
 from expertmesh.preflight.quantization import check_dtype_and_quantization
 from expertmesh.preflight.report import render_findings, results_to_json
+from expertmesh.preflight.security import check_expert_security, check_mesh_security
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -131,10 +132,11 @@ def check_mesh(config: MeshConfig, *, device: DeviceFacts | None = None) -> dict
     plans: list[MemoryPlan] = []
     for expert in config.experts:
         checked = inspect_expert(expert, device)
-        results[expert.expert_id] = checked.findings
+        security = check_expert_security(config, expert.expert_id)
+        results[expert.expert_id] = sort_findings([*security, *checked.findings])
         if checked.plan is not None:
             plans.append(checked.plan)
-    results[MESH_KEY] = sort_findings(check_mesh_memory(plans, device))
+    results[MESH_KEY] = sort_findings([*check_mesh_security(config), *check_mesh_memory(plans, device)])
     return results
 
 

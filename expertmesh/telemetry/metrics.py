@@ -94,6 +94,21 @@ FAILOVERS = Counter(
 EJECTIONS = Counter(
     "expertmesh_ejections", "Experts (replicas) taken out of rotation.", ["expert"], registry=REGISTRY
 )
+TENANT_ADMISSIONS = Counter(
+    "expertmesh_tenant_admissions",
+    "Gateway requests per tenant by admission outcome (admitted, domain, streams, tokens).",
+    ["tenant", "outcome"],
+    registry=REGISTRY,
+)
+TENANT_TOKENS = Counter(
+    "expertmesh_tenant_tokens",
+    "Tokens charged to a tenant (prompt + completion).",
+    ["tenant"],
+    registry=REGISTRY,
+)
+TENANT_STREAMS = Gauge(
+    "expertmesh_tenant_streams_in_flight", "Open Generate streams per tenant.", ["tenant"], registry=REGISTRY
+)
 MODEL_LOAD = Histogram(
     "expertmesh_model_load_seconds",
     "Engine (model) load time, by outcome (ok, failed, cancelled).",

@@ -17,6 +17,7 @@ from expertmesh.config import ExpertConfig, LimitsConfig, MeshConfig
 from expertmesh.errors import Unavailable
 from expertmesh.rpc import bind, server_options, stop_event_on_signals
 from expertmesh.telemetry import Identity, start_telemetry, watch_expert
+from expertmesh.tls import RequirePeerCertificate, TlsError, expert_server_certs, insecure_bind_refusal
 from expertmesh.v1 import expertmesh_pb2_grpc as pb_grpc
 
 from .budget import MemoryBudget
@@ -58,6 +59,15 @@ async def _warm_tokenizer(prompts: Prompts) -> None:
 
 async def serve(cfg: ExpertConfig, port: int, grace_s: float, mesh: MeshConfig | None = None) -> int:
     """Serve until a signal or engine death; return the process exit code."""
+    try:
+        certs = expert_server_certs(mesh, cfg.expert_id) if mesh else None
+    except TlsError as e:
+        log.error("expert %s cannot use its certificates: %s", cfg.expert_id, e)
+        return 2
+    refusal = insecure_bind_refusal(mesh, cfg) if mesh else None
+    if refusal:
+        log.error("%s", refusal)
+        return 2
     output = OutputTail().install()  # so that a failed load reports the engine processes' error
     ipc = IpcDir.claim()
     stop = stop_event_on_signals()
@@ -81,13 +91,18 @@ async def serve(cfg: ExpertConfig, port: int, grace_s: float, mesh: MeshConfig |
         lambda: life.engine.get_num_unfinished_requests() if life.engine else 0,
     )
     limits = mesh.limits if mesh is not None else LimitsConfig()
-    server = grpc.aio.server(options=server_options(limits.max_message_bytes))
+    # Under internal_tls the handshake already requires a mesh certificate; the interceptor
+    # keeps Load, Unload and Multiplex closed even if that ever changed.
+    server = grpc.aio.server(
+        options=server_options(limits.max_message_bytes),
+        interceptors=[RequirePeerCertificate()] if certs else [],
+    )
     servicer = ExpertServicer(life, prompts, limits)
     pb_grpc.add_ExpertServicer_to_server(servicer, server)
     health = ExpertHealth(server, life)
     await health.apply()
     try:
-        bound = bind(server, cfg.host, port)
+        bound = bind(server, cfg.host, port, certs.credentials() if certs else None)
     except (OSError, RuntimeError) as e:  # grpcio raises RuntimeError for a port in use
         log.error("expert %s cannot listen on %s:%d: %s", cfg.expert_id, cfg.host, port, e)
         telemetry.stop()
@@ -95,7 +110,14 @@ async def serve(cfg: ExpertConfig, port: int, grace_s: float, mesh: MeshConfig |
         ipc.remove()
         return 1
     await server.start()
-    log.info("expert %s listening on %s:%d (load: %s)", cfg.expert_id, cfg.host, bound, cfg.load)
+    log.info(
+        "expert %s listening on %s:%d (%s, load: %s)",
+        cfg.expert_id,
+        cfg.host,
+        bound,
+        "mTLS" if certs else "plaintext",
+        cfg.load,
+    )
     if cfg.load == "eager":
         life.start_load(on_demand=False)
     # The tokenizer (and the vLLM import it needs) is cheap next to the engine: have it ready
