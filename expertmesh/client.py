@@ -125,6 +125,13 @@ def build_request(
     )
 
 
+def _channel(kind: Any, target: str, security: Security) -> Any:
+    """A channel of ``kind`` (``grpc`` or ``grpc.aio``), over TLS when ``security`` asks for it."""
+    if security.secure:
+        return kind.secure_channel(target, security.credentials(), CLIENT_OPTIONS)
+    return kind.insecure_channel(target, CLIENT_OPTIONS)
+
+
 class MeshClient:
     """asyncio client. One channel, reused for every call; close it (or use ``async with``)."""
 
@@ -140,10 +147,7 @@ class MeshClient:
         tls: bool = False,
     ) -> None:
         security = Security(cacert, cert, key, token, tls)
-        if security.secure:
-            self.channel = grpc.aio.secure_channel(target, security.credentials(), CLIENT_OPTIONS)
-        else:
-            self.channel = grpc.aio.insecure_channel(target, CLIENT_OPTIONS)
+        self.channel = _channel(grpc.aio, target, security)
         self.gateway = pb_grpc.GatewayStub(self.channel)
         self.timeout = timeout
         self.metadata = security.metadata(target)
@@ -206,10 +210,7 @@ class SyncMeshClient:
         tls: bool = False,
     ) -> None:
         security = Security(cacert, cert, key, token, tls)
-        if security.secure:
-            self.channel = grpc.secure_channel(target, security.credentials(), CLIENT_OPTIONS)
-        else:
-            self.channel = grpc.insecure_channel(target, CLIENT_OPTIONS)
+        self.channel = _channel(grpc, target, security)
         self.gateway = pb_grpc.GatewayStub(self.channel)
         self.timeout = timeout
         self.metadata = security.metadata(target)

@@ -201,28 +201,23 @@ async def _generate(address: str, stub_class: Any, request: pb.GenerateRequest) 
         return [m async for m in stub_class(channel).Generate(request, timeout=60)]
 
 
+CASES = [("gateway", *c) for c in GATEWAY_CASES] + [("expert", *c) for c in EXPERT_CASES]
+
+
 @pytest.mark.parametrize(
-    ("name", "request_", "code", "details"), GATEWAY_CASES, ids=[c[0] for c in GATEWAY_CASES]
+    ("target", "name", "request_", "code", "details"), CASES, ids=[f"{c[0]}: {c[1]}" for c in CASES]
 )
-async def test_gateway_refuses_precisely(
-    mesh: Mesh, name: str, request_: pb.GenerateRequest, code: grpc.StatusCode, details: str
+async def test_refused_precisely(
+    mesh: Mesh, target: str, name: str, request_: pb.GenerateRequest, code: grpc.StatusCode, details: str
 ) -> None:
+    address, stub = (
+        (mesh.gateway, pb_grpc.GatewayStub) if target == "gateway" else (mesh.expert, pb_grpc.ExpertStub)
+    )
     with pytest.raises(grpc.aio.AioRpcError) as err:
-        await _generate(mesh.gateway, pb_grpc.GatewayStub, request_)
+        await _generate(address, stub, request_)
     assert err.value.code() == code, err.value.details()
     assert (err.value.details() or "").startswith(details), err.value.details()
     assert len(err.value.details() or "") < 1024  # client values are quoted cut short
-
-
-@pytest.mark.parametrize(
-    ("name", "request_", "code", "details"), EXPERT_CASES, ids=[c[0] for c in EXPERT_CASES]
-)
-async def test_expert_refuses_precisely(
-    mesh: Mesh, name: str, request_: pb.GenerateRequest, code: grpc.StatusCode, details: str
-) -> None:
-    with pytest.raises(grpc.aio.AioRpcError) as err:
-        await _generate(mesh.expert, pb_grpc.ExpertStub, request_)
-    assert (err.value.code(), (err.value.details() or "")[: len(details)]) == (code, details)
 
 
 def _open(stream_id: int, timeout_s: float = 0.0) -> pb.StreamFrame:
