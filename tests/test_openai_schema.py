@@ -134,7 +134,8 @@ def test_answers_in_openai_shape() -> None:
     assert (whole["id"], whole["model"]) == ("chatcmpl-r", "c")
     answer = Answer(False, "r", logprobs=False)
     chunk = answer.chunk(first, True, continuous_usage=True)
-    assert chunk["choices"][0]["text"] == "a" and "usage" not in chunk
+    assert chunk["choices"][0]["text"] == "a"
+    assert chunk["usage"] == {"prompt_tokens": 0, "completion_tokens": 1, "total_tokens": 1}  # so far
     assert answer.chunk(last, False, continuous_usage=True)["usage"]["total_tokens"] == 5
 
 

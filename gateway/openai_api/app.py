@@ -97,7 +97,8 @@ def parse_body(raw: bytes, model: type[Body]) -> Body:
             message = f"the body is not valid JSON: {first['msg']}"
             where = ""
         else:
-            message = f"{where}: {first['msg']}" if where else first["msg"]
+            text = first["msg"].removeprefix("Value error, ")  # a validator's own message
+            message = f"{where}: {text}" if where else text
         raise BodyError(message, where or None) from None
 
 
@@ -125,13 +126,16 @@ async def unless_disconnected(receive: Receive, work: Awaitable[T]) -> T:
     watch = asyncio.ensure_future(wait_disconnect(receive))
     try:
         await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:  # this handler was cancelled (shutdown): so is its work
+        task.cancel()
+        raise
     finally:
         watch.cancel()
-        if not task.done():
-            task.cancel()
-            with suppress(BaseException):
-                await task
-            raise Disconnected
+    if not task.done():
+        task.cancel()
+        with suppress(asyncio.CancelledError):
+            await task
+        raise Disconnected
     return task.result()
 
 

@@ -116,6 +116,7 @@ class Answer:
         self.logprobs = logprobs
         self.model = ""
         self.text_offset = 0
+        self.completion_tokens = 0
 
     def _base(self, obj: str) -> dict[str, Any]:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
@@ -132,6 +133,7 @@ class Answer:
     def chunk(self, msg: pb.GenerateResponse, first: bool, continuous_usage: bool) -> dict[str, Any]:
         """One streamed chunk for ``msg`` (its text delta, and the finish reason on the last)."""
         self.model = self.model or msg.expert_id
+        self.completion_tokens += len(msg.token_ids)
         finish = FINISH_REASONS.get(msg.finish_reason, msg.finish_reason) or None
         choice: dict[str, Any] = {"index": 0, "logprobs": self._logprobs(msg), "finish_reason": finish}
         if self.chat:
@@ -144,8 +146,13 @@ class Answer:
             choice["text"] = msg.text
             out = self._base("text_completion")
         out["choices"] = [choice]
-        if continuous_usage and msg.HasField("usage"):
-            out["usage"] = usage(msg)
+        if continuous_usage:  # vLLM's extension; the prompt's count comes with the last message
+            n = self.completion_tokens
+            out["usage"] = (
+                usage(msg)
+                if msg.HasField("usage")
+                else {"prompt_tokens": 0, "completion_tokens": n, "total_tokens": n}
+            )
         return out
 
     def usage_chunk(self, last: pb.GenerateResponse) -> dict[str, Any]:
