@@ -39,13 +39,6 @@ class GatewayServicer(pb_grpc.GatewayServicer):
         gw = router.config.gateway
         self.admission = admission or Admission(gw.max_concurrent_streams, gw.max_streams_per_peer)
 
-    @grpc_errors
-    async def Generate(
-        self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[pb.GenerateResponse]:
-        async for msg in self.generate(request, context):
-            yield msg
-
     @gateway_generate
     async def generate(
         self, request: pb.GenerateRequest, context: CallContext
@@ -77,6 +70,9 @@ class GatewayServicer(pb_grpc.GatewayServicer):
                     route.confidence,
                     forwarder.summary() or "cancelled before any attempt",
                 )
+
+    #: gRPC ``Generate``: the routing path, its failures as gRPC statuses.
+    Generate = grpc_errors(generate)
 
     @grpc_errors
     async def Route(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> pb.RouteDecision:
