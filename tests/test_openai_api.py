@@ -9,6 +9,8 @@ The reference for every answer is the same gateway's gRPC front, for the same gr
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import ssl
 import subprocess
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -25,6 +27,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
+from expertmesh.bench.pki import CA
 from expertmesh.client import MeshClient
 from expertmesh.config import MeshConfig, load_config
 from expertmesh.gateway.server import serve
@@ -374,18 +377,22 @@ async def test_tokens_and_tenants_401_403_429(mesh: Mesh) -> None:
 async def test_a_client_that_goes_away_aborts_the_engine_request(mesh: Mesh) -> None:
     general = mesh.experts["general_tiny"]
     async with client(mesh.open, timeout=httpx.Timeout(60)) as sdk:
-        stream = await sdk.chat.completions.create(
+        # A raw prompt: with a chat template the tiny model may sample one of its stop tokens
+        # (which ignore_eos does not cover) and end on its own.
+        stream = await sdk.completions.create(
             model="general",
-            messages=[{"role": "user", "content": "Once upon a time"}],
+            prompt="Once upon a time",
             max_tokens=900,
             stream=True,
             extra_body={"ignore_eos": True},
         )
         got = 0
-        async for _ in stream:
+        async for chunk in stream:
             got += 1
+            assert chunk.choices[0].finish_reason is None  # still generating
             if got == 3:
-                assert (await info(general)).engine_unfinished_requests == 1
+                state = await info(general)
+                assert (state.engine_unfinished_requests, state.requests_in_flight) == (1, 1)
                 break
         await stream.close()
     deadline = time.monotonic() + 1.0
@@ -435,3 +442,41 @@ async def test_the_callers_traceparent_is_continued(mesh: Mesh) -> None:
     )
     attempts = [s for s in exporter.get_finished_spans() if s.name == "gateway.attempt"]
     assert attempts and all(format(a.context.trace_id, "032x") == trace_id for a in attempts)
+
+
+async def test_the_http_front_takes_the_gateways_tls(mesh: Mesh, expert_config: Path, tmp_path: Path) -> None:
+    """With gateway.tls, the HTTP port speaks TLS too (same certificate); plaintext gets nowhere."""
+    ca = CA(tmp_path)
+    data = yaml.safe_load(expert_config.read_text())
+    data["gateway"] = {
+        **data["gateway"],
+        "port": free_port(),
+        "http_port": free_port(),
+        "tls": ca.issue("gateway").pair(),
+    }
+    path = tmp_path / "tls.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    config = load_config(path)
+    stop = asyncio.Event()
+    task = asyncio.create_task(serve(config, stop=stop))
+    base = f"https://localhost:{config.gateway.http_port}"
+    try:
+        async with httpx.AsyncClient(verify=ssl.create_default_context(cafile=ca.file)) as http:
+            deadline = time.monotonic() + 60
+            while True:  # the HTTP health endpoint: SERVING once the gateway sees an expert
+                with contextlib.suppress(httpx.TransportError):
+                    if (await http.get(f"{base}/health")).status_code == 200:
+                        break
+                assert time.monotonic() < deadline, "the TLS gateway's /health never answered 200"
+                await asyncio.sleep(0.1)
+            async with openai.AsyncOpenAI(base_url=f"{base}/v1", api_key="unused", http_client=http) as sdk:
+                done = await sdk.completions.create(
+                    model="general", prompt="hi", max_tokens=2, extra_body={"ignore_eos": True}
+                )
+            assert done.usage is not None and done.usage.completion_tokens == 2
+        async with httpx.AsyncClient() as plain:
+            with pytest.raises(httpx.TransportError):
+                await plain.get(f"http://localhost:{config.gateway.http_port}/health")
+    finally:
+        stop.set()
+        await task
