@@ -275,8 +275,8 @@ class RoutingConfig(_Strict):
 class GatewayConfig(_Strict):
     """Where the gateway listens."""
 
-    host: str = "0.0.0.0"
-    port: int = Field(default=8080, ge=0, le=65535)
+    host: str = Field(default="0.0.0.0", description="Interface the gateway listens on.")
+    port: int = Field(default=8080, ge=0, le=65535, description="Its gRPC port.")
     http_port: int | None = Field(
         default=None,
         ge=0,

@@ -106,6 +106,10 @@ class Multiplexed:
         """Take no new streams; end every call when its last stream has finished."""
         self._drain_event().set()
 
+    def draining(self) -> bool:
+        """True once :meth:`drain` was called."""
+        return self._draining is not None and self._draining.is_set()
+
     def _drain_event(self) -> asyncio.Event:
         if self._draining is None:
             self._draining = asyncio.Event()

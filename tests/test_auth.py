@@ -35,6 +35,7 @@ from expertmesh.gateway.server import serve
 from expertmesh.gateway.tenants import Tenants
 from expertmesh.guard import guard
 from expertmesh.rpc import Health, bind
+from expertmesh.services.expert.request import DEFAULT_MAX_TOKENS
 from expertmesh.telemetry import tracing
 from expertmesh.telemetry.metrics import REGISTRY
 from expertmesh.tls import (
@@ -236,7 +237,7 @@ def test_tenant_token_rate_reserve_settle_and_window() -> None:
         "(tokens_per_minute 60), this request reserves 30"
     )
     assert e.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
-    assert e.value.trailers == (("grpc-retry-pushback-ms", "1000"),)  # held by a stream
+    assert dict(e.value.trailers)["grpc-retry-pushback-ms"] == "1000"  # held by a stream
     first.observe(usage(5, 7))
     first.close()  # settles at the real 12 tokens
     assert tenants.state("t").used() == 12
@@ -247,7 +248,7 @@ def test_tenant_token_rate_reserve_settle_and_window() -> None:
     with pytest.raises(RateLimited) as e:
         tenants.admit("t", request(max_tokens=20))  # 47 used + 20 > 60
     # room comes back when the first 12 tokens leave the window, 40 s from now
-    assert e.value.trailers == (("grpc-retry-pushback-ms", "40000"),)
+    assert dict(e.value.trailers)["grpc-retry-pushback-ms"] == "40000"
     clock.now += 40
     tenants.admit("t", request(max_tokens=20)).close()
 
@@ -261,7 +262,9 @@ def test_tenant_max_tokens_over_the_whole_budget_is_invalid() -> None:
     )
     with pytest.raises(InvalidRequest) as e:
         tenants.admit("t", request(max_tokens=None))
-    assert str(e.value).startswith("sampling.max_tokens 64 (unset: the default) is more than tenant t")
+    assert str(e.value).startswith(
+        f"sampling.max_tokens {DEFAULT_MAX_TOKENS} (unset: the default) is more than tenant t"
+    )
     tenants.admit("t", request(max_tokens=20)).close()
 
 
@@ -271,7 +274,7 @@ def test_tenant_concurrent_streams() -> None:
     with pytest.raises(RateLimited) as e:
         tenants.admit("t", request())
     assert str(e.value) == "tenant t has 2 streams open (max_concurrent_streams 2)"
-    assert e.value.trailers == (("grpc-retry-pushback-ms", "500"),)
+    assert dict(e.value.trailers)["grpc-retry-pushback-ms"] == "500"
     a.close()
     a.close()  # closing twice releases once
     tenants.admit("t", request())

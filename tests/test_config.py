@@ -140,3 +140,21 @@ def test_every_consistency_problem_is_reported_at_once(tmp_path: Path) -> None:
         "  (top level): expert port 8080 is also the gateway port",
         "  (top level): default_domain 'law' has no expert (domains: general, balanced)",
     ]
+
+
+def test_every_key_is_in_the_configuration_reference() -> None:
+    """docs/configuration.md lists every key of the one config model (no key goes undocumented)."""
+    from pydantic import BaseModel
+
+    from expertmesh import config as cfg
+
+    text = (Path(__file__).resolve().parent.parent / "docs" / "configuration.md").read_text()
+    models = [m for m in vars(cfg).values() if isinstance(m, type) and issubclass(m, BaseModel)]
+    missing = [
+        f"{m.__name__}.{name}"
+        for m in models
+        if m.__module__ == cfg.__name__
+        for name in m.model_fields
+        if f"`{name}`" not in text and f".{name}`" not in text
+    ]
+    assert not missing, f"not in docs/configuration.md: {missing}"

@@ -55,6 +55,7 @@ def mesh(tmp_path_factory: pytest.TempPathFactory, demo_models: list[Path]) -> I
         routing={
             "fallbacks": {"code": ["general"]},
             "eject_after_failures": 2,
+            "first_token_timeout_s": 2,  # a hung replica is left well inside the callers' 5 s
             "domains": {"code": {"code": True, "keywords": ["python"]}},
         },
     )
@@ -98,7 +99,8 @@ async def test_route_explanation_is_truthful(mesh: Mesh) -> None:
 
 
 async def test_hung_expert_requests_keep_their_deadline_and_it_is_ejected(mesh: Mesh) -> None:
-    """SIGSTOP the code expert: requests with a 5 s deadline end by then; its replica is ejected."""
+    """SIGSTOP the code expert: requests with a 5 s deadline end by then (no first token from it in
+    first_token_timeout_s: the fallback serves them); its replica is ejected."""
     pid = mesh.expert_pid("code_tiny")
     os.kill(pid, signal.SIGSTOP)
     try:

@@ -241,7 +241,7 @@ async def test_metrics_move_with_requests(mesh: TracedMesh) -> None:
         for _ in range(3):
             await client.complete("The weather today", max_tokens=5, ignore_eos=True)
         with pytest.raises(grpc.aio.AioRpcError):
-            await client.complete("x", top_p=2.0)  # INVALID_ARGUMENT from the expert
+            await client.complete("x", top_p=2.0)  # INVALID_ARGUMENT from the gateway, before routing
     deadline = time.monotonic() + 10  # the last stream's bookkeeping ends just after its reply
     while True:
         gw2, ex2 = mesh.metrics("gateway"), mesh.metrics("expert")
@@ -255,14 +255,15 @@ async def test_metrics_move_with_requests(mesh: TracedMesh) -> None:
 
     gw_ok = {"role": "gateway", "expert": EXPERT, "domain": "general"}
     assert delta(gw2, gw, "expertmesh_requests_total", **gw_ok, code="OK") == 3
-    assert delta(gw2, gw, "expertmesh_requests_total", **gw_ok, code="INVALID_ARGUMENT") == 1
-    assert delta(gw2, gw, "expertmesh_routing_decisions_total", domain="general", signal="default") == 4
+    refused = {"role": "gateway", "expert": "", "domain": ""}  # refused before it was routed
+    assert delta(gw2, gw, "expertmesh_requests_total", **refused, code="INVALID_ARGUMENT") == 1
+    assert delta(gw2, gw, "expertmesh_routing_decisions_total", domain="general", signal="default") == 3
     ttft = "expertmesh_time_to_first_token_seconds_count"
     tpot = "expertmesh_time_per_output_token_seconds_count"
     assert delta(gw2, gw, ttft, role="gateway", expert=EXPERT) == 3
     ex_ok = {"role": "expert", "expert": EXPERT, "domain": "general"}
     assert delta(ex2, ex, "expertmesh_requests_total", **ex_ok, code="OK") == 3
-    assert delta(ex2, ex, "expertmesh_requests_total", **ex_ok, code="INVALID_ARGUMENT") == 1
+    assert delta(ex2, ex, "expertmesh_requests_total", **ex_ok, code="INVALID_ARGUMENT") == 0  # never sent
     assert delta(ex2, ex, ttft, role="expert", expert=EXPERT) == 3
     assert delta(ex2, ex, tpot, role="expert", expert=EXPERT) == 3
     assert delta(ex2, ex, "expertmesh_generated_tokens_total", expert=EXPERT) == 15

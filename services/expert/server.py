@@ -129,8 +129,8 @@ async def serve(cfg: ExpertConfig, port: int, grace_s: float, mesh: MeshConfig |
     finally:
         keeper.cancel()
         warm.cancel()
+        servicer.drain()  # new streams refused (UNAVAILABLE: fail over); calls end when theirs have
         await health.shutdown()  # NOT_SERVING, and the health Watch streams end
-        servicer.drain()  # the gateway's multiplexed calls end when their streams have
         # Nothing in flight can finish on a dead engine (its streams have already ended with
         # the cause), so a dead engine does not hold the restart for the whole grace period.
         grace = DEAD_ENGINE_GRACE_S if life.state == FAILED else grace_s

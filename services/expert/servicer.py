@@ -102,6 +102,8 @@ class ExpertServicer(Multiplexed, pb_grpc.ExpertServicer):
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.GenerateResponse]:
         life = self.life
+        if self.draining():  # stopping: the caller (the gateway) goes elsewhere
+            raise Unavailable(f"expert {life.cfg.expert_id} is shutting down")
         kwargs = check_request(request, self.link_limits)  # sizes first: before tokenizing
         resume = request.resume if request.HasField("resume") else None
         base_ids, token_ids, owed = await self.prompts.prepare(request.prompt, request.messages, resume)
