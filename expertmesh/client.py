@@ -24,10 +24,14 @@ from typing import Any
 
 import grpc
 
+from expertmesh.config import LimitsConfig
+from expertmesh.rpc import channel_options
 from expertmesh.v1 import expertmesh_pb2 as pb
 from expertmesh.v1 import expertmesh_pb2_grpc as pb_grpc
 
 DEFAULT_TARGET = "127.0.0.1:8080"
+#: Message limits set explicitly, as every expertmesh server's are (the mesh's default limits).
+CLIENT_OPTIONS = channel_options(LimitsConfig().max_message_bytes, keepalive=False)
 #: The caller's bearer token when none is passed.
 TOKEN_ENV = "EXPERTMESH_TOKEN"
 
@@ -137,9 +141,9 @@ class MeshClient:
     ) -> None:
         security = Security(cacert, cert, key, token, tls)
         if security.secure:
-            self.channel = grpc.aio.secure_channel(target, security.credentials())
+            self.channel = grpc.aio.secure_channel(target, security.credentials(), CLIENT_OPTIONS)
         else:
-            self.channel = grpc.aio.insecure_channel(target)
+            self.channel = grpc.aio.insecure_channel(target, CLIENT_OPTIONS)
         self.gateway = pb_grpc.GatewayStub(self.channel)
         self.timeout = timeout
         self.metadata = security.metadata(target)
@@ -203,9 +207,9 @@ class SyncMeshClient:
     ) -> None:
         security = Security(cacert, cert, key, token, tls)
         if security.secure:
-            self.channel = grpc.secure_channel(target, security.credentials())
+            self.channel = grpc.secure_channel(target, security.credentials(), CLIENT_OPTIONS)
         else:
-            self.channel = grpc.insecure_channel(target)
+            self.channel = grpc.insecure_channel(target, CLIENT_OPTIONS)
         self.gateway = pb_grpc.GatewayStub(self.channel)
         self.timeout = timeout
         self.metadata = security.metadata(target)
