@@ -148,6 +148,39 @@ def api_requests(code: str) -> float:
     )
 
 
+# First in the module: after a stream on an expert ends at a deadline or a cancel, that expert's
+# later streams were seen to arrive whole at their end (cause under investigation, gRPC front
+# too), which would let this request finish before the client goes away.
+async def test_a_client_that_goes_away_aborts_the_engine_request(mesh: Mesh) -> None:
+    general = mesh.experts["general_tiny"]
+    async with client(mesh.open, timeout=httpx.Timeout(60)) as sdk:
+        # A raw prompt: with a chat template the tiny model may sample one of its stop tokens
+        # (which ignore_eos does not cover) and end on its own.
+        stream = await sdk.completions.create(
+            model="general",
+            prompt="Once upon a time",
+            max_tokens=900,
+            stream=True,
+            extra_body={"ignore_eos": True},
+        )
+        got = 0
+        async for chunk in stream:
+            got += 1
+            assert chunk.choices[0].finish_reason is None  # still generating
+            if got == 3:
+                state = await info(general)
+                assert (state.engine_unfinished_requests, state.requests_in_flight) == (1, 1)
+                break
+        await stream.close()
+    deadline = time.monotonic() + 1.0
+    while True:
+        state = await info(general)
+        if state.engine_unfinished_requests == 0 and state.requests_in_flight == 0:
+            break
+        assert time.monotonic() < deadline, f"still unfinished after 1 s: {state}"
+        await asyncio.sleep(0.05)
+
+
 @pytest.mark.parametrize(("model", "signal"), [("code", "domain"), ("auto", "code")])
 async def test_streamed_chat_equals_the_grpc_answer(mesh: Mesh, model: str, signal: str) -> None:
     """The SDK's streamed chat: the gRPC front's greedy text and usage; headers name the expert."""
@@ -375,36 +408,6 @@ async def test_tokens_and_tenants_401_403_429(mesh: Mesh) -> None:
     )
     assert body["message"] == "tenant limited has 1 streams open (max_concurrent_streams 1)"
     assert e4.value.response.headers["retry-after"] == "1"
-
-
-async def test_a_client_that_goes_away_aborts_the_engine_request(mesh: Mesh) -> None:
-    general = mesh.experts["general_tiny"]
-    async with client(mesh.open, timeout=httpx.Timeout(60)) as sdk:
-        # A raw prompt: with a chat template the tiny model may sample one of its stop tokens
-        # (which ignore_eos does not cover) and end on its own.
-        stream = await sdk.completions.create(
-            model="general",
-            prompt="Once upon a time",
-            max_tokens=900,
-            stream=True,
-            extra_body={"ignore_eos": True},
-        )
-        got = 0
-        async for chunk in stream:
-            got += 1
-            assert chunk.choices[0].finish_reason is None  # still generating
-            if got == 3:
-                state = await info(general)
-                assert (state.engine_unfinished_requests, state.requests_in_flight) == (1, 1)
-                break
-        await stream.close()
-    deadline = time.monotonic() + 1.0
-    while True:
-        state = await info(general)
-        if state.engine_unfinished_requests == 0 and state.requests_in_flight == 0:
-            break
-        assert time.monotonic() < deadline, f"still unfinished after 1 s: {state}"
-        await asyncio.sleep(0.05)
 
 
 async def test_grpc_front_unchanged_beside_http(mesh: Mesh) -> None:
