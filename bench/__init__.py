@@ -6,6 +6,7 @@ model with the same engine settings and the same load:
 - ``inprocess``: ``AsyncLLM.generate`` with no serving layer (the limit);
 - ``expert``: straight to one expert over gRPC;
 - ``gateway``: through the gateway to that expert;
+- ``gateway_openai``: through the gateway's OpenAI-compatible HTTP front (``vllm_openai``'s client);
 - ``gateway_tls``: the same with TLS + a bearer token from the client and mTLS to its own expert;
 - ``relay``: through a bare gRPC relay to that expert (the cost of a second hop by itself);
 - ``vllm_grpc``: vLLM's own gRPC server;

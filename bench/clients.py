@@ -75,7 +75,7 @@ def vllm_grpc_client(stub: Any, plan: LoadPlan, max_tokens: int) -> OneRequest:
 
 
 def openai_client(session: Any, base_url: str, model: str, plan: LoadPlan, max_tokens: int) -> OneRequest:
-    """Stream ``/v1/completions`` from vLLM's OpenAI server with aiohttp.
+    """Stream ``/v1/completions`` from an OpenAI server (vLLM's, the gateway's) with aiohttp.
 
     Tokens are counted from the usage vLLM streams with every event
     (``continuous_usage_stats``), not from the number of events.

@@ -16,7 +16,16 @@ from expertmesh.config import ExpertConfig
 #: The stream counts the issue asks for; ``--quick`` keeps all of them, with fewer requests.
 CONCURRENCY = (1, 8, 32, 128)
 #: Scenario names, in the order they are run and reported.
-SCENARIOS = ("inprocess", "expert", "gateway", "gateway_tls", "relay", "vllm_grpc", "vllm_openai")
+SCENARIOS = (
+    "inprocess",
+    "expert",
+    "gateway",
+    "gateway_openai",
+    "gateway_tls",
+    "relay",
+    "vllm_grpc",
+    "vllm_openai",
+)
 #: Trials per level in a full run; the best is reported. A trial is 2-6 s, and on a shared
 #: two-core box one scenario's trials differ by up to 25 %: with two, a ratio of two scenarios
 #: moved by as much from run to run.

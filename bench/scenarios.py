@@ -3,6 +3,8 @@
 - ``inprocess``, ``expert``, ``gateway`` and ``relay``: AsyncLLM in a child process
   (:mod:`bench.inprocess`) and one expert process with the same engine settings, with the
   gateway and a bare relay (:mod:`bench.relay`) in front of the expert;
+- ``gateway_openai``: the same gateway over its OpenAI-compatible HTTP front, with the client
+  and load of ``vllm_openai``;
 - ``gateway_tls``: the same as ``gateway`` with security on, on an expert process of its own:
   TLS and a bearer token from the client, mTLS between gateway and expert (:class:`SecureGroup`);
 - ``vllm_grpc``: vLLM's gRPC server (``vllm.grpc.engine.VllmEngine``);
@@ -40,7 +42,7 @@ from expertmesh.v1 import expertmesh_pb2_grpc as pb_grpc
 from .clients import mesh_client, mesh_requests, openai_client, vllm_grpc_client
 from .inprocess import InProcessRunner
 from .load import LoadResult, OneRequest, run_load
-from .plan import EXPERT_ID, EngineSettings, LoadPlan
+from .plan import EXPERT_DOMAIN, EXPERT_ID, EngineSettings, LoadPlan
 from .procs import QUIET_CORES, ProcessSampler, Server, free_port, wait_for_quiet
 
 HOST = "127.0.0.1"
@@ -175,9 +177,10 @@ class Group(ABC):
 
 
 class MeshGroup(Group):
-    """Scenarios ``inprocess``, ``expert``, ``gateway`` and ``relay``: two engines, two hops."""
+    """Scenarios ``inprocess``, ``expert``, ``gateway``, ``gateway_openai`` and ``relay``: two
+    engines, two hops; ``gateway_openai`` is the same gateway process over its HTTP front."""
 
-    names = ("inprocess", "expert", "gateway", "relay")
+    names = ("inprocess", "expert", "gateway", "gateway_openai", "relay")
 
     def __init__(self, ctx: Context) -> None:
         super().__init__(ctx)
@@ -185,7 +188,7 @@ class MeshGroup(Group):
         self.expert: Server | None = None
         self.gateway: Server | None = None
         self.relay: Server | None = None
-        self.expert_addr = self.gateway_addr = self.relay_addr = ""
+        self.expert_addr = self.gateway_addr = self.relay_addr = self.gateway_http = ""
 
     def _servers(self) -> tuple[Server, Server, Server]:
         """A one-expert mesh config on free ports, and the three processes that serve it."""
@@ -193,7 +196,7 @@ class MeshGroup(Group):
         expert = ctx.settings.expert_config().model_copy(update={"host": HOST, "port": free_port()})
         config = MeshConfig(
             experts=[expert],
-            gateway=GatewayConfig(host=HOST, port=free_port()),
+            gateway=GatewayConfig(host=HOST, port=free_port(), http_port=free_port()),
             grace_period_s=5,
             max_restarts=0,
         )
@@ -201,6 +204,7 @@ class MeshGroup(Group):
         path.write_text(json.dumps(config.model_dump(mode="json", exclude_none=True), indent=2))
         self.expert_addr = config.expert_address(0)
         self.gateway_addr = f"{HOST}:{config.gateway.port}"
+        self.gateway_http = f"http://{HOST}:{config.gateway.http_port}"
         args = ["--config", str(path)]
         expert_server = Server.python_module(
             "expert",
@@ -288,7 +292,25 @@ class MeshGroup(Group):
             generate = stub(channel).Generate
             await ctx.warm_up(mesh_client(generate, mesh_requests(plan, plan.warmup_max_tokens)))
             turns.append(ctx.turn(name, mesh_client(generate, requests), roots))
+        if ctx.wants("gateway_openai"):
+            turns.append(await self._openai_turn(stack, {"gateway": self.gateway.pid, "expert": expert_pid}))
         return turns
+
+    async def _openai_turn(self, stack: contextlib.AsyncExitStack, roots: dict[str, int]) -> Turn:
+        """The gateway's HTTP front with the client and load of ``vllm_openai`` (model: the domain)."""
+        import aiohttp
+
+        ctx, plan = self.ctx, self.ctx.plan
+        session = await stack.enter_async_context(
+            aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=0), timeout=aiohttp.ClientTimeout(total=None)
+            )
+        )
+        await ctx.warm_up(
+            openai_client(session, self.gateway_http, EXPERT_DOMAIN, plan, plan.warmup_max_tokens)
+        )
+        one = openai_client(session, self.gateway_http, EXPERT_DOMAIN, plan, plan.max_tokens)
+        return ctx.turn("gateway_openai", one, roots)
 
     async def stop(self) -> None:
         """Stop the relay and the gateway, then the expert, and the in-process engine."""

@@ -277,6 +277,12 @@ class GatewayConfig(_Strict):
 
     host: str = Field(default="0.0.0.0", description="Interface the gateway listens on.")
     port: int = Field(default=8080, ge=0, le=65535, description="Its gRPC port.")
+    http_port: int | None = Field(
+        default=None,
+        ge=0,
+        le=65535,
+        description="OpenAI-compatible HTTP API (/v1/chat/completions, ...) on host; None = off.",
+    )
     metrics_port: int | None = Field(
         default=None, gt=0, le=65535, description="Prometheus /metrics port on host; None = off."
     )
@@ -297,6 +303,12 @@ class GatewayConfig(_Strict):
         default=None, description="The gateway's client certificate towards experts; default: internal_tls's."
     )
     reflection: bool = Field(default=True, description="Serve gRPC server reflection.")
+
+    @model_validator(mode="after")
+    def _distinct_ports(self) -> GatewayConfig:
+        if self.http_port and self.http_port == self.port:
+            raise ValueError(f"gateway.http_port {self.http_port} is also gateway.port")
+        return self
 
 
 MIB = 1024 * 1024

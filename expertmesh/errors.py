@@ -91,6 +91,12 @@ class PermissionDenied(MeshError):
     code = grpc.StatusCode.PERMISSION_DENIED
 
 
+class Unauthenticated(MeshError):
+    """No credentials, or unknown ones (the HTTP front; the gRPC interceptor aborts itself)."""
+
+    code = grpc.StatusCode.UNAUTHENTICATED
+
+
 class FailedPrecondition(MeshError):
     """The expert is not in a state that allows the operation (e.g. unloading while busy)."""
 
@@ -146,6 +152,43 @@ def trailers_for(exc: BaseException) -> tuple[tuple[str, str], ...]:
     if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
         return ResourceExhausted.trailers
     return ()
+
+
+#: The OpenAI-compatible HTTP front's answer for each gRPC status: HTTP status and OpenAI error
+#: ``type``. One table, so a cause keeps its meaning on both fronts; a code not here is a 500.
+HTTP_STATUS: dict[grpc.StatusCode, tuple[int, str]] = {
+    grpc.StatusCode.INVALID_ARGUMENT: (400, "invalid_request_error"),
+    grpc.StatusCode.FAILED_PRECONDITION: (400, "invalid_request_error"),
+    grpc.StatusCode.OUT_OF_RANGE: (400, "invalid_request_error"),
+    grpc.StatusCode.UNAUTHENTICATED: (401, "authentication_error"),
+    grpc.StatusCode.PERMISSION_DENIED: (403, "permission_error"),
+    grpc.StatusCode.NOT_FOUND: (404, "not_found_error"),
+    grpc.StatusCode.ALREADY_EXISTS: (409, "invalid_request_error"),
+    grpc.StatusCode.RESOURCE_EXHAUSTED: (429, "rate_limit_error"),
+    grpc.StatusCode.CANCELLED: (499, "cancelled"),
+    grpc.StatusCode.UNIMPLEMENTED: (501, "not_implemented_error"),
+    grpc.StatusCode.UNAVAILABLE: (503, "service_unavailable_error"),
+    grpc.StatusCode.DEADLINE_EXCEEDED: (504, "timeout_error"),
+}
+
+
+def http_status(code: grpc.StatusCode) -> tuple[int, str]:
+    """HTTP status and OpenAI error type for a gRPC status (:data:`HTTP_STATUS`)."""
+    return HTTP_STATUS.get(code, (500, "server_error"))
+
+
+def retry_after_s(exc: BaseException) -> float | None:
+    """The retry pushback that goes with ``exc`` (seconds), or None."""
+    trailers: tuple[tuple[str, Any], ...] = trailers_for(exc)
+    if isinstance(exc, grpc.aio.AioRpcError):
+        trailers = tuple(exc.trailing_metadata() or ()) + trailers
+    for key, value in trailers:
+        if key == PUSHBACK_KEY:
+            try:
+                return int(value) / 1000.0
+            except ValueError:
+                return None
+    return None
 
 
 F = TypeVar("F", bound=Callable[..., Any])

@@ -42,6 +42,7 @@ from expertmesh.telemetry import Attempt, attempt_span, record_ejection
 from expertmesh.v1 import expertmesh_pb2 as pb
 
 from . import resume
+from .call import CallContext
 from .ejection import may_eject
 from .health import ExpertLink
 from .pool import Pool
@@ -96,7 +97,7 @@ class Forwarder:
         route: Route,
         pool: Pool,
         routing: RoutingConfig,
-        context: grpc.aio.ServicerContext,
+        context: CallContext,
     ) -> None:
         self.request = request
         self.route = route

@@ -29,6 +29,7 @@ from expertmesh.v1 import expertmesh_pb2_grpc as pb_grpc
 
 from .auth import TokenAuth, TokensFile
 from .classify import Classifier
+from .openai_api.serve import start_http
 from .pool import Pool
 from .router import Router
 from .servicer import GatewayServicer
@@ -154,6 +155,9 @@ async def serve(
         certs.credentials() if certs else None,
     )
     await server.start()
+    http = None
+    if config.gateway.http_port is not None:  # the OpenAI-compatible front, same routing path
+        http = await start_http(config, servicer, pool, tokens, config.gateway.http_port)
     tasks = [asyncio.create_task(_mirror_health(pool, health))]
     if tokens is not None:
         tasks.append(asyncio.create_task(tokens.watch()))
@@ -177,6 +181,8 @@ async def serve(
         for task in tasks:
             task.cancel()
         await health.close()  # NOT_SERVING, and the health Watch streams end
+        if http is not None:
+            await http.stop()
         await server.stop(config.grace_period_s)
         await pool.close()
         telemetry.stop()  # export the last spans

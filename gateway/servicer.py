@@ -17,6 +17,7 @@ from expertmesh.validation import check_request
 
 from .admission import Admission
 from .auth import current_tenant
+from .call import CallContext
 from .forward import Forwarder, ordered_replicas
 from .pool import Pool
 from .router import Router
@@ -38,11 +39,13 @@ class GatewayServicer(pb_grpc.GatewayServicer):
         gw = router.config.gateway
         self.admission = admission or Admission(gw.max_concurrent_streams, gw.max_streams_per_peer)
 
-    @grpc_errors
     @gateway_generate
-    async def Generate(
-        self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
+    async def generate(
+        self, request: pb.GenerateRequest, context: CallContext
     ) -> AsyncIterator[pb.GenerateResponse]:
+        """The one routing path of both fronts (gRPC ``Generate`` and the OpenAI HTTP API):
+        admission, checks, tenant, route, forwarding, telemetry. Raises the cause of a failure;
+        each front turns it into its own status. The caller's tenant is ``current_tenant``."""
         router = self.router  # one config for the whole request, even across a reload
         with self.admission.admit(context.peer()):
             check_request(request, router.config.limits)  # before any routing work
@@ -67,6 +70,9 @@ class GatewayServicer(pb_grpc.GatewayServicer):
                     route.confidence,
                     forwarder.summary() or "cancelled before any attempt",
                 )
+
+    #: gRPC ``Generate``: the routing path, its failures as gRPC statuses.
+    Generate = grpc_errors(generate)
 
     @grpc_errors
     async def Route(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> pb.RouteDecision:

@@ -149,6 +149,7 @@ def test_report_writes_json_targets_and_png(tmp_path: Path) -> None:
         "inprocess": 1.0,
         "expert": 0.95,
         "gateway": 0.8,
+        "gateway_openai": 0.7,
         "gateway_tls": 0.76,
         "relay": 0.85,
         "vllm_grpc": 0.5,
@@ -178,6 +179,9 @@ def test_report_writes_json_targets_and_png(tmp_path: Path) -> None:
     assert not met[("gateway tok/s vs expert", 8)]  # 0.8 / 0.95 = 0.84
     assert met[("gateway_tls tok/s vs gateway", 32)]  # 0.76 / 0.8 = 0.95
     assert met[("TTFT p50 added by TLS + auth (ms)", 1)]  # 5.0 - 5.5 ms: none added
+    assert met[("gateway_openai tok/s vs vllm_openai", 32)]  # 0.7 / 0.6
+    added = {(t["target"], t["streams"]): t["value"] for t in check_targets(scenarios)}
+    assert added[("TTFT p50 added by HTTP front over gateway (ms)", 1)] == -0.5  # 5.0 - 5.5 ms
     plot(tmp_path / "results.png", scenarios, list(CONCURRENCY))
     assert (tmp_path / "results.png").read_bytes().startswith(PNG_SIGNATURE)
 

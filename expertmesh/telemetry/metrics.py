@@ -42,6 +42,12 @@ REQUESTS = Counter(
     ["role", "expert", "domain", "code"],
     registry=REGISTRY,
 )
+API_REQUESTS = Counter(
+    "expertmesh_gateway_api_requests",
+    "Gateway Generate requests finished, by front (grpc, openai) and the gRPC status code.",
+    ["api", "code"],
+    registry=REGISTRY,
+)
 REQUEST_DURATION = Histogram(
     "expertmesh_request_duration_seconds",
     "Generate: from receiving the request to the end of its stream.",

@@ -147,6 +147,7 @@ class RequestTelemetry:
     attempts: int = 0
     last_attempt: str = ""
     failed_expert: str = ""
+    api: str = "grpc"  # the gateway front the request came by: "grpc" or "openai"
 
     @property
     def trace_id(self) -> str | None:
@@ -191,6 +192,8 @@ class RequestTelemetry:
         completion = self.completion_tokens or self.tokens
         labels = (self.role, self.expert)
         metrics.REQUESTS.labels(self.role, self.expert, self.domain, code.name).inc()
+        if self.role == "gateway":
+            metrics.API_REQUESTS.labels(self.api, code.name).inc()
         metrics.REQUEST_DURATION.labels(*labels).observe(end - self.started)
         first, last = self.first_token_at, self.last_token_at
         if first is not None and last is not None and completion > 1:
@@ -243,6 +246,10 @@ def _start(role: str, request: pb.GenerateRequest, context: Any) -> RequestTelem
         attributes["expertmesh.request_id"] = request.request_id
     span = tracer().start_span(name, context=parent, kind=SpanKind.SERVER, attributes=attributes)
     req = RequestTelemetry(role, span, trace.set_span_in_context(span, parent), request.request_id)
+    if role == "gateway":
+        req.api = str(getattr(context, "api", "grpc"))
+        if span.is_recording():
+            span.set_attribute("expertmesh.api", req.api)
     if role == "expert":
         req.expert, req.domain = me.expert_id, me.domain
         metrics.STREAMS_IN_FLIGHT.labels(role, req.expert).inc()
