@@ -29,8 +29,6 @@ import grpc
 
 from expertmesh.config import ExpertConfig, RoutingConfig
 from expertmesh.errors import (
-    EXPERT_LIMIT,
-    REASON_KEY,
     DeadlineExceeded,
     ExpertLimit,
     MeshError,
@@ -45,22 +43,12 @@ from . import resume
 from .call import CallContext
 from .ejection import may_eject
 from .health import ExpertLink
+from .outcome import ELSEWHERE, REPLICA_FAULTS, MidStream, expert_specific
 from .pool import Pool
 from .router import Route
 
 log = logging.getLogger(__name__)
 
-#: The replica's own failures: they count toward its ejection.
-REPLICA_FAULTS = frozenset(
-    {
-        grpc.StatusCode.UNAVAILABLE,
-        grpc.StatusCode.INTERNAL,
-        grpc.StatusCode.UNKNOWN,
-        grpc.StatusCode.DATA_LOSS,
-    }
-)
-#: Not the replica's fault, but another one may serve it.
-ELSEWHERE = frozenset({grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.CANCELLED})
 #: Taken off the caller's deadline so that the gateway, not the caller, sees an expert time out.
 DEADLINE_MARGIN_S = 0.05
 #: Metadata passed on to the expert as is.
@@ -70,22 +58,6 @@ PASSTHROUGH = ("x-request-id",)
 def ordered_replicas(links: Sequence[ExpertLink], panic: bool = False) -> list[ExpertLink]:
     """Available replicas (all of them in panic mode), least outstanding first (stable order)."""
     return sorted((link for link in links if panic or link.available()), key=lambda link: link.outstanding)
-
-
-class MidStream(Exception):
-    """The replica failed after the caller had its first message (its own failure)."""
-
-    def __init__(self, link: ExpertLink, outcome: str) -> None:
-        super().__init__(outcome)
-        self.link, self.outcome = link, outcome
-
-
-def _expert_specific(error: grpc.aio.AioRpcError) -> bool:
-    """A refusal that is this expert's (it cannot serve the request), not the request's."""
-    if error.code() == grpc.StatusCode.UNIMPLEMENTED:
-        return True
-    trailers = error.trailing_metadata() or ()
-    return error.code() == grpc.StatusCode.INVALID_ARGUMENT and (REASON_KEY, EXPERT_LIMIT) in tuple(trailers)
 
 
 class Forwarder:
@@ -369,7 +341,7 @@ class Forwarder:
                 self._count_failure(link, experts, outcome)
                 if sent:
                     raise MidStream(link, outcome) from None
-            elif sent or not (code in ELSEWHERE or _expert_specific(e)):
+            elif sent or not (code in ELSEWHERE or expert_specific(e)):
                 # The request's (or its caller's) doing, e.g. a caller that did not read: as is.
                 link.ejection.success()
                 raise

@@ -64,7 +64,7 @@ class FakeClock:
 
 
 class Aborted(Exception):
-    pass
+    """What the fake context raises on abort, as grpc's does."""
 
 
 class FakeContext:

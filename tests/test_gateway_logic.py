@@ -373,8 +373,8 @@ def test_admission_counts_in_all_and_per_host() -> None:
     assert peer_host("ipv4:10.1.2.3:5555") == "ipv4:10.1.2.3"
     assert peer_host("ipv6:[::1]:5555") == "ipv6:[::1]"
     with admission.admit("ipv4:10.0.0.1:1"), admission.admit("ipv4:10.0.0.2:2"):
-        with pytest.raises(MeshError) as full, admission.admit("ipv4:10.0.0.3:3"):
-            pass
+        with pytest.raises(MeshError) as full:
+            admission.admit("ipv4:10.0.0.3:3").__enter__()  # refused on entry: no slot taken
         assert status_for(full.value)[0] == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert "gateway.max_concurrent_streams" in str(full.value)
     assert admission.in_flight == 0 and not admission.by_peer
