@@ -21,7 +21,12 @@ from .support import VENV_BIN
 
 
 def start_expert(config: Path, expert_id: str, log_dir: Path) -> subprocess.Popen[bytes]:
-    """``python -m expertmesh.services.expert`` in its own process group, logging to a file."""
+    """``python -m expertmesh.services.expert`` in its own process group, logging to a file.
+
+    In the test's session, as ``up`` runs its experts: with the kernel's autogroup scheduling a
+    session is a scheduling group, and a test process in another group than the experts' was
+    starved for seconds by their engine's worker (its streams arrived whole at their end).
+    """
     log_dir.mkdir(parents=True, exist_ok=True)
     with (log_dir / f"{expert_id}.log").open("ab") as out:
         return subprocess.Popen(
@@ -36,7 +41,7 @@ def start_expert(config: Path, expert_id: str, log_dir: Path) -> subprocess.Pope
             ],
             stdout=out,
             stderr=subprocess.STDOUT,
-            start_new_session=True,
+            process_group=0,
         )
 
 

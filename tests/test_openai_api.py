@@ -148,9 +148,6 @@ def api_requests(code: str) -> float:
     )
 
 
-# First in the module: after a stream on an expert ends at a deadline or a cancel, that expert's
-# later streams were seen to arrive whole at their end (cause under investigation, gRPC front
-# too), which would let this request finish before the client goes away.
 async def test_a_client_that_goes_away_aborts_the_engine_request(mesh: Mesh) -> None:
     general = mesh.experts["general_tiny"]
     async with client(mesh.open, timeout=httpx.Timeout(60)) as sdk:

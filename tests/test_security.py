@@ -197,7 +197,7 @@ def secure(tmp_path_factory: pytest.TempPathFactory, demo_models: list[Path]) ->
             [str(VENV_BIN / "python"), "-m", "expertmesh.gateway", "--config", str(path)],
             stdout=out,
             stderr=subprocess.STDOUT,
-            start_new_session=True,
+            process_group=0,
         )
     mesh = SecureMesh(config, pki, folder, tokens, expert, gateway)
     try:
@@ -481,7 +481,7 @@ def test_up_runs_a_tls_mesh_and_sees_it_ready(secure: SecureMesh) -> None:
         ],
         stderr=subprocess.PIPE,
         text=True,
-        start_new_session=True,
+        process_group=0,
     )
     try:
         assert proc.stderr is not None

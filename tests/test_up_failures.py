@@ -77,7 +77,7 @@ def _start(tmp: Path, *flags: str) -> Up:
             [EXPERTMESH, "up", "--config", str(path), "--log-dir", str(tmp / "logs"), *flags],
             stdout=out,
             stderr=subprocess.STDOUT,
-            start_new_session=True,
+            process_group=0,
         )
     return Up(proc, load_config(path), output)
 
