@@ -447,31 +447,42 @@ async def test_the_callers_traceparent_is_continued(mesh: Mesh) -> None:
     assert attempts and all(format(a.context.trace_id, "032x") == trace_id for a in attempts)
 
 
-async def test_the_http_front_takes_the_gateways_tls(mesh: Mesh, expert_config: Path, tmp_path: Path) -> None:
-    """With gateway.tls, the HTTP port speaks TLS too (same certificate); plaintext gets nowhere."""
-    ca = CA(tmp_path)
+@contextlib.asynccontextmanager
+async def another_gateway(expert_config: Path, folder: Path, **settings: Any) -> AsyncIterator[MeshConfig]:
+    """One more in-process gateway over the same experts, with ``settings`` in its ``gateway``."""
     data = yaml.safe_load(expert_config.read_text())
-    data["gateway"] = {
-        **data["gateway"],
-        "port": free_port(),
-        "http_port": free_port(),
-        "tls": ca.issue("gateway").pair(),
-    }
-    path = tmp_path / "tls.yaml"
+    data["gateway"] = {**data["gateway"], "port": free_port(), "http_port": free_port(), **settings}
+    path = folder / "another.yaml"
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     config = load_config(path)
     stop = asyncio.Event()
     task = asyncio.create_task(serve(config, stop=stop))
-    base = f"https://localhost:{config.gateway.http_port}"
     try:
+        yield config
+    finally:
+        stop.set()
+        await task
+
+
+async def http_ready(http: httpx.AsyncClient, base: str) -> None:
+    """Wait for ``/health`` to answer 200: SERVING once the gateway sees an expert."""
+    deadline = time.monotonic() + 60
+    while True:
+        with contextlib.suppress(httpx.TransportError):
+            if (await http.get(f"{base}/health")).status_code == 200:
+                return
+        assert time.monotonic() < deadline, f"{base}/health never answered 200"
+        await asyncio.sleep(0.1)
+
+
+@pytest.mark.usefixtures("mesh")  # its experts SERVING
+async def test_the_http_front_takes_the_gateways_tls(expert_config: Path, tmp_path: Path) -> None:
+    """With gateway.tls, the HTTP port speaks TLS too (same certificate); plaintext gets nowhere."""
+    ca = CA(tmp_path)
+    async with another_gateway(expert_config, tmp_path, tls=ca.issue("gateway").pair()) as config:
+        base = f"https://localhost:{config.gateway.http_port}"
         async with httpx.AsyncClient(verify=ssl.create_default_context(cafile=ca.file)) as http:
-            deadline = time.monotonic() + 60
-            while True:  # the HTTP health endpoint: SERVING once the gateway sees an expert
-                with contextlib.suppress(httpx.TransportError):
-                    if (await http.get(f"{base}/health")).status_code == 200:
-                        break
-                assert time.monotonic() < deadline, "the TLS gateway's /health never answered 200"
-                await asyncio.sleep(0.1)
+            await http_ready(http, base)
             async with openai.AsyncOpenAI(base_url=f"{base}/v1", api_key="unused", http_client=http) as sdk:
                 done = await sdk.completions.create(
                     model="general", prompt="hi", max_tokens=2, extra_body={"ignore_eos": True}
@@ -480,6 +491,59 @@ async def test_the_http_front_takes_the_gateways_tls(mesh: Mesh, expert_config: 
         async with httpx.AsyncClient() as plain:
             with pytest.raises(httpx.TransportError):
                 await plain.get(f"http://localhost:{config.gateway.http_port}/health")
-    finally:
-        stop.set()
-        await task
+
+
+@pytest.mark.usefixtures("mesh")  # its experts SERVING
+async def test_the_http_front_takes_client_certificates(expert_config: Path, tmp_path: Path) -> None:
+    """With gateway.tls.client_ca_file, an HTTP caller without a certificate from that CA is refused
+    at the handshake; one with a certificate gets its answer."""
+    ca, callers = CA(tmp_path), CA(tmp_path, "callers")
+    tls = {**ca.issue("gateway").pair(), "client_ca_file": str(callers.file)}
+    async with another_gateway(expert_config, tmp_path, tls=tls) as config:
+        base = f"https://localhost:{config.gateway.http_port}"
+        with_cert = ssl.create_default_context(cafile=ca.file)
+        issued = callers.issue("a-caller")
+        with_cert.load_cert_chain(issued.cert_file, issued.key_file)
+        async with httpx.AsyncClient(verify=with_cert) as http:
+            await http_ready(http, base)
+            async with openai.AsyncOpenAI(base_url=f"{base}/v1", api_key="unused", http_client=http) as sdk:
+                done = await sdk.completions.create(model="general", prompt="hi", max_tokens=2)
+            assert done.usage is not None and done.usage.prompt_tokens > 0
+        wrong = ssl.create_default_context(cafile=ca.file)
+        other = ca.issue("not-a-caller")  # a certificate, but from the servers' CA
+        wrong.load_cert_chain(other.cert_file, other.key_file)
+        for verify in (ssl.create_default_context(cafile=ca.file), wrong):
+            async with httpx.AsyncClient(verify=verify) as http:
+                with pytest.raises(httpx.TransportError):
+                    await http.get(f"{base}/health")
+
+
+@pytest.mark.usefixtures("mesh")  # its experts SERVING
+async def test_a_full_gateway_is_429_with_retry_after(expert_config: Path, tmp_path: Path) -> None:
+    """gateway.max_concurrent_streams counts both fronts: with its one stream held open on the
+    gRPC front, an HTTP request gets OpenAI's 429 with Retry-After; once it ends, 200."""
+    async with another_gateway(expert_config, tmp_path, max_concurrent_streams=1) as config:
+        base = f"http://127.0.0.1:{config.gateway.http_port}"
+        async with httpx.AsyncClient() as http:
+            await http_ready(http, base)
+        gateway = Gateway(config, f"127.0.0.1:{config.gateway.port}", f"{base}/v1")
+        async with MeshClient(gateway.grpc, timeout=60) as mesh_client:
+            held = mesh_client.stream("Once upon a time", max_tokens=900, ignore_eos=True)
+            await anext(held)
+            try:
+                async with client(gateway) as sdk:
+                    with pytest.raises(openai.RateLimitError) as e:
+                        await sdk.completions.create(model="general", prompt="hi", max_tokens=2)
+            finally:
+                await held.aclose()  # type: ignore[attr-defined]
+        body = _error(e.value)
+        assert (e.value.status_code, body["type"], body["code"]) == (
+            429,
+            "rate_limit_error",
+            "RESOURCE_EXHAUSTED",
+        )
+        assert "max_concurrent_streams" in body["message"]
+        assert int(e.value.response.headers["retry-after"]) >= 1
+        async with client(gateway) as sdk:  # the slot is free again
+            done = await sdk.completions.create(model="general", prompt="hi", max_tokens=2)
+        assert done.usage is not None and done.usage.completion_tokens == 2
