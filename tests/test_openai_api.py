@@ -389,22 +389,29 @@ async def test_tokens_and_tenants_401_403_429(mesh: Mesh) -> None:
         assert done.choices[0].message.content
     # the tenant's one stream, held open on the gRPC front, is its limit on the HTTP front too
     async with MeshClient(mesh.secured.grpc, timeout=60, token=TOKEN_LIMITED) as mesh_client:
-        held = mesh_client.stream("Once upon a time", max_tokens=900, ignore_eos=True)
-        await anext(held)
-        try:
-            async with client(mesh.secured, TOKEN_LIMITED) as sdk:
-                with pytest.raises(openai.RateLimitError) as e4:
-                    await sdk.chat.completions.create(model="general", messages=messages)  # type: ignore[arg-type]
-        finally:
-            await held.aclose()  # type: ignore[attr-defined]
-    body = _error(e4.value)
-    assert (e4.value.status_code, body["type"], body["code"]) == (
+        body, retry_after = await refused_while_held(mesh_client, client(mesh.secured, TOKEN_LIMITED))
+    assert body["message"] == "tenant limited has 1 streams open (max_concurrent_streams 1)"
+    assert retry_after == "1"
+
+
+async def refused_while_held(mesh_client: MeshClient, sdk: openai.AsyncOpenAI) -> tuple[dict[str, Any], str]:
+    """With one stream held open on the gRPC front, an HTTP request is refused with OpenAI's 429:
+    its error body and its Retry-After."""
+    held = mesh_client.stream("Once upon a time", max_tokens=900, ignore_eos=True)
+    await anext(held)
+    try:
+        async with sdk:
+            with pytest.raises(openai.RateLimitError) as e:
+                await sdk.completions.create(model="general", prompt="hi", max_tokens=2)
+    finally:
+        await held.aclose()  # type: ignore[attr-defined]
+    body = _error(e.value)
+    assert (e.value.status_code, body["type"], body["code"]) == (
         429,
         "rate_limit_error",
         "RESOURCE_EXHAUSTED",
     )
-    assert body["message"] == "tenant limited has 1 streams open (max_concurrent_streams 1)"
-    assert e4.value.response.headers["retry-after"] == "1"
+    return body, e.value.response.headers["retry-after"]
 
 
 async def test_grpc_front_unchanged_beside_http(mesh: Mesh) -> None:
@@ -528,22 +535,9 @@ async def test_a_full_gateway_is_429_with_retry_after(expert_config: Path, tmp_p
             await http_ready(http, base)
         gateway = Gateway(config, f"127.0.0.1:{config.gateway.port}", f"{base}/v1")
         async with MeshClient(gateway.grpc, timeout=60) as mesh_client:
-            held = mesh_client.stream("Once upon a time", max_tokens=900, ignore_eos=True)
-            await anext(held)
-            try:
-                async with client(gateway) as sdk:
-                    with pytest.raises(openai.RateLimitError) as e:
-                        await sdk.completions.create(model="general", prompt="hi", max_tokens=2)
-            finally:
-                await held.aclose()  # type: ignore[attr-defined]
-        body = _error(e.value)
-        assert (e.value.status_code, body["type"], body["code"]) == (
-            429,
-            "rate_limit_error",
-            "RESOURCE_EXHAUSTED",
-        )
+            body, retry_after = await refused_while_held(mesh_client, client(gateway))
         assert "max_concurrent_streams" in body["message"]
-        assert int(e.value.response.headers["retry-after"]) >= 1
+        assert int(retry_after) >= 1
         async with client(gateway) as sdk:  # the slot is free again
             done = await sdk.completions.create(model="general", prompt="hi", max_tokens=2)
         assert done.usage is not None and done.usage.completion_tokens == 2
