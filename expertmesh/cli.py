@@ -301,6 +301,18 @@ def _parser() -> argparse.ArgumentParser:
         help="comma-separated scenarios: run just their groups, in turns (e.g. gateway,gateway_tls)",
     )
 
+    deploy = sub.add_parser("deploy", help="render deployment files from the mesh config")
+    target = deploy.add_subparsers(dest="target", required=True)
+    k8s = target.add_parser("k8s", help="a kustomize base and cpu/gpu overlays for Kubernetes")
+    k8s.add_argument("--config", help=CONFIG_HELP)
+    k8s.add_argument("--out", required=True, help="folder to write base/ and overlays/ into")
+    k8s.add_argument("--namespace", default="expertmesh", help="namespace (default expertmesh)")
+    k8s.add_argument(
+        "--plaintext",
+        action="store_true",
+        help="no TLS, tokens or Secrets inside the cluster (native gRPC probes); default: mTLS from Secrets",
+    )
+
     build = sub.add_parser(
         "build-demo-models", help="build the demo models (the real instruct one, the tiny ones) into .models/"
     )
@@ -340,6 +352,10 @@ def main(argv: list[str] | None = None) -> int:
 
             only = set(args.only.split(",")) if args.only else None
             return main_bench(quick=args.quick, out=Path(args.out), trials=args.trials, only=only)
+        if args.command == "deploy":
+            from expertmesh.deploy.render import main_deploy_k8s
+
+            return main_deploy_k8s(args.config, Path(args.out), args.namespace, tls=not args.plaintext)
         if args.command == "build-demo-models":
             from expertmesh.demo_models import DEFAULT_MODELS_DIR, ensure_demo_models, ensure_real_model
 

@@ -88,7 +88,8 @@ class ExpertConfig(_Strict):
     memory_gib: float | None = Field(
         default=None,
         gt=0,
-        description="Memory a load adds, for memory_budget_gib; default: measured, else estimated.",
+        description="Memory a load adds, for memory_budget_gib; default: measured, else estimated. "
+        "`deploy k8s` sizes pods with it where the model folder is not readable.",
     )
     metrics_port: int | None = Field(
         default=None, gt=0, le=65535, description="Prometheus /metrics port on host; None = off."

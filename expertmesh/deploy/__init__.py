@@ -1,0 +1,1 @@
+"""Deployment beyond one host: Kubernetes manifests rendered from the one mesh config."""
