@@ -3,7 +3,8 @@
 A process calls :func:`start_telemetry` once at start and ``stop()`` on the result when it
 stops (so the last spans are exported). Tracing follows the standard ``OTEL_*`` variables
 (see :mod:`expertmesh.telemetry.tracing`) and is off unless they ask for it; the metrics
-endpoint is on when the config gives a ``metrics_port``. Per-request instrumentation is in
+endpoint is on when the config gives a ``metrics_port`` (an expert's also serves vLLM's own
+``vllm:*`` engine metrics, :mod:`expertmesh.telemetry.engine_metrics`). Per-request instrumentation is in
 :mod:`expertmesh.telemetry.requests`, the metric objects in :mod:`expertmesh.telemetry.metrics`.
 """
 
@@ -13,8 +14,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from .attempt import Attempt, attempt_span
+from .engine_metrics import EngineMetrics
 from .load import traced_load
 from .metrics import (
+    REGISTRY,
     MetricsServer,
     record_ejection,
     record_failover,
@@ -96,4 +99,6 @@ def start_telemetry(
     if identity.expert_id:
         attributes["expertmesh.expert_id"] = identity.expert_id
     tracing = setup_tracing(service_name(identity), attributes, environ)
+    if identity.role == "expert" and identity.expert_id and metrics_port is not None:
+        REGISTRY.register(EngineMetrics(identity.expert_id))  # vLLM's vllm:* beside ours
     return Telemetry(tracing, start_metrics_server(metrics_port, metrics_host))

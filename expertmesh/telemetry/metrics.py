@@ -85,6 +85,12 @@ QUEUE_DEPTH = Gauge(
     ["expert"],
     registry=REGISTRY,
 )
+MAX_QUEUE = Gauge(
+    "expertmesh_max_queue",
+    "The expert's max_queue: more unfinished requests than this are refused (RESOURCE_EXHAUSTED).",
+    ["expert"],
+    registry=REGISTRY,
+)
 ROUTING_DECISIONS = Counter(
     "expertmesh_routing_decisions",
     "Gateway routing decisions by chosen domain and the signal that decided it.",
@@ -217,11 +223,17 @@ REGISTRY.register(_STATES)
 
 
 def watch_expert(
-    expert: str, state: Callable[[], int | str], queue_depth: Callable[[], int] | None = None
+    expert: str,
+    state: Callable[[], int | str],
+    queue_depth: Callable[[], int] | None = None,
+    max_queue: int | None = None,
 ) -> None:
-    """Export ``expertmesh_expert_state`` (and ``expertmesh_queue_depth``), read at scrape time."""
+    """Export ``expertmesh_expert_state`` (and ``expertmesh_queue_depth``, ``expertmesh_max_queue``),
+    read at scrape time."""
     with _STATES.lock:
         _STATES.experts[expert] = _Watched(state, queue_depth)
+    if max_queue is not None:
+        MAX_QUEUE.labels(expert).set(max_queue)
     if queue_depth is not None:
 
         def depth() -> float:

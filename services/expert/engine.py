@@ -41,8 +41,9 @@ def engine_args(cfg: ExpertConfig) -> Any:
         "trust_remote_code": cfg.trust_remote_code,
         "tensor_parallel_size": cfg.tensor_parallel_size,
         "seed": cfg.seed,
-        # vLLM builds its request spans from per-request stats: with its tracing on they must be.
-        "disable_log_stats": "otlp_traces_endpoint" not in cfg.engine_args,
+        # vLLM builds its request spans from per-request stats, and its Prometheus metrics (served
+        # on the expert's /metrics) from the engine's: with either on, stats must be.
+        "disable_log_stats": cfg.metrics_port is None and "otlp_traces_endpoint" not in cfg.engine_args,
     }
     optional = {
         "max_num_seqs": cfg.max_num_seqs,

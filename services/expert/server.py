@@ -89,6 +89,7 @@ async def serve(cfg: ExpertConfig, port: int, grace_s: float, mesh: MeshConfig |
         cfg.expert_id,
         lambda: life.state,
         lambda: life.engine.get_num_unfinished_requests() if life.engine else 0,
+        cfg.max_queue,
     )
     limits = mesh.limits if mesh is not None else LimitsConfig()
     # Under internal_tls the handshake already requires a mesh certificate; the interceptor
