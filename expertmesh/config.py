@@ -208,6 +208,16 @@ class RoutingConfig(_Strict):
     classify_budget_ms: float = Field(
         default=20.0, gt=0, description="Time classification may take; then the default domain, with why."
     )
+    dns_refresh_s: float = Field(
+        default=30.0,
+        gt=0,
+        description="An expert address that is a DNS name (a headless Service) is resolved again after "
+        "its records' TTL, and at least this often; each address found is one replica.",
+    )
+    dns_nameservers: list[str] = Field(
+        default_factory=list,
+        description="DNS servers (host or host:port) for those names; empty = the system's (resolv.conf).",
+    )
 
 
 class GatewayConfig(_Strict):

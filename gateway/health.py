@@ -45,6 +45,8 @@ class ExpertLink:
     ) -> None:
         self.expert_id = expert_id
         self.address = address
+        #: the DNS name this address was found under (its certificate's name), if it was
+        self.server_name: str | None = None
         limits = limits or LimitsConfig()
         shared = channel_options(limits.max_message_bytes)
         # With internal_tls: the mesh CA, the gateway's client certificate (expertmesh.tls.link_security).

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import grpc
 
-from expertmesh.config import MeshConfig
+from expertmesh.config import LimitsConfig, MeshConfig, RoutingConfig
 from expertmesh.tls import TlsError, link_files, link_security
 
 from .ejection import Ejection
@@ -36,6 +36,12 @@ class Pool:
         self._security: tuple[grpc.ChannelCredentials | None, list[tuple[str, str]]] | None = None
         self._stamp: tuple[float, ...] | None = None
         self.renewals = 0
+        self._limits: LimitsConfig = LimitsConfig()
+        self._routing: RoutingConfig = RoutingConfig()
+        #: (expert_id, configured address) -> True when its replicas come from add_replica
+        #: (gateway.discovery resolves it) rather than from the address itself.
+        self.owned_elsewhere: Callable[[str, str], bool] = lambda expert_id, address: False
+        self._added: set[tuple[str, str]] = set()
 
     def _link_security(self, config: MeshConfig) -> bool:
         """Read the gateway's link certificates if they changed; True when links must be renewed.
@@ -78,10 +84,15 @@ class Pool:
         drops a stream in flight.
         """
         renew = self._link_security(config)
-        assert self._security is not None
-        credentials, options = self._security
-        wanted = replica_addresses(config)
-        current = {} if renew else {(link.expert_id, link.address): link for link in self.links()}
+        self._limits, self._routing = config.limits, config.routing
+        wanted = {
+            expert_id: [a for a in addresses if not self.owned_elsewhere(expert_id, a)]
+            for expert_id, addresses in replica_addresses(config).items()
+        }
+        previous = {(link.expert_id, link.address): link for link in self.links()}
+        # replicas add_replica gave an expert stay (a renewal reopens them with the new certificates)
+        added = {key: link.server_name for key, link in previous.items() if key in self._added}
+        current = {} if renew else previous
         if renew:
             self.renewals += 1
             log.info("link certificates changed: renewing the links to every expert")
@@ -90,23 +101,64 @@ class Pool:
         replicas: dict[str, list[ExpertLink]] = {}
         for expert_id, addresses in wanted.items():
             replicas[expert_id] = []
-            for address in addresses:
+            names = {a: None for a in addresses} | {a: n for (e, a), n in added.items() if e == expert_id}
+            for address, server_name in names.items():
                 link = current.pop((expert_id, address), None)
                 if link is None:
-                    link = ExpertLink(expert_id, address, Ejection(), config.limits, credentials, options)
-                    link.start()
-                    log.info("expert %s: replica %s added", expert_id, address)
-                link.ejection.after_failures = routing.eject_after_failures
-                link.ejection.base_s = routing.eject_base_s
-                link.ejection.max_s = routing.eject_max_s
-                link.ejection.decay_s = routing.eject_decay_s
+                    link = self._open(expert_id, address, server_name)
+                _configure(link, routing)
                 replicas[expert_id].append(link)
         for link in current.values():
             log.info("expert %s: replica %s removed (closing after %d open streams)", *_who(link))
+            self._added.discard((link.expert_id, link.address))
             self._retired.append(link)
+        self._added = {key for key in self._added if key[0] in wanted}
         self.replicas = replicas
+        self._notify()
+
+    def _open(self, expert_id: str, address: str, server_name: str | None) -> ExpertLink:
+        assert self._security is not None
+        credentials, options = self._security
+        if server_name and credentials is not None and not any(k == _NAME_OVERRIDE for k, _ in options):
+            # dialled by IP: the certificate names the DNS name the address came from
+            options = [*options, (_NAME_OVERRIDE, server_name)]
+        link = ExpertLink(expert_id, address, Ejection(), self._limits, credentials, options)
+        link.server_name = server_name
+        link.start()
+        log.info("expert %s: replica %s added", expert_id, address)
+        return link
+
+    def _notify(self) -> None:
         self.changed.set()
         self.changed = asyncio.Event()
+
+    def add_replica(self, expert_id: str, address: str, server_name: str | None = None) -> None:
+        """One more replica of an expert of the current config (watched, balanced, ejected on its own).
+
+        ``server_name``: the name its certificate carries when ``address`` is an IP found for it.
+        """
+        links = self.replicas.get(expert_id)
+        if links is None or any(link.address == address for link in links):
+            return
+        link = self._open(expert_id, address, server_name)
+        _configure(link, self._routing)
+        self._added.add((expert_id, address))
+        # a new list: a request that already holds the old one keeps a consistent view
+        self.replicas = {**self.replicas, expert_id: [*links, link]}
+        self._notify()
+
+    def remove_replica(self, expert_id: str, address: str) -> None:
+        """Take a replica out of rotation; it closes once its open streams have finished."""
+        links = self.replicas.get(expert_id, [])
+        gone = [link for link in links if link.address == address]
+        if not gone:
+            return
+        self._added.discard((expert_id, address))
+        self.replicas = {**self.replicas, expert_id: [link for link in links if link.address != address]}
+        for link in gone:
+            log.info("expert %s: replica %s removed (closing after %d open streams)", *_who(link))
+            self._retired.append(link)
+        self._notify()
 
     async def reap(self) -> None:
         """Close retired links that no longer carry a stream."""
@@ -118,6 +170,16 @@ class Pool:
         """Close every link."""
         for link in [*self.links(), *self._retired]:
             await link.close()
+
+
+_NAME_OVERRIDE = "grpc.ssl_target_name_override"
+
+
+def _configure(link: ExpertLink, routing: RoutingConfig) -> None:
+    link.ejection.after_failures = routing.eject_after_failures
+    link.ejection.base_s = routing.eject_base_s
+    link.ejection.max_s = routing.eject_max_s
+    link.ejection.decay_s = routing.eject_decay_s
 
 
 def _who(link: ExpertLink) -> tuple[str, str, int]:

@@ -29,6 +29,7 @@ from expertmesh.v1 import expertmesh_pb2_grpc as pb_grpc
 
 from .auth import TokenAuth, TokensFile
 from .classify import Classifier
+from .discovery import Discovery
 from .openai_api.serve import start_http
 from .pool import Pool
 from .router import Router
@@ -66,11 +67,16 @@ class Reloader:
     """Re-reads the config file on SIGHUP or when it changes; applies it only when valid."""
 
     def __init__(
-        self, path: Path, servicer: GatewayServicer, pool: Pool, tokens: TokensFile | None = None
+        self,
+        path: Path,
+        servicer: GatewayServicer,
+        discovery: Discovery,
+        tokens: TokensFile | None = None,
     ) -> None:
         self.path = path
         self.servicer = servicer
-        self.pool = pool
+        self.discovery = discovery
+        self.pool = discovery.pool
         self.tokens = tokens
         self.requested = asyncio.Event()
         self._mtime = self._stat()
@@ -97,7 +103,7 @@ class Reloader:
             self.tokens.tenants = set(config.auth.tenants)
         self.servicer.router = await _router(config)
         self.servicer.tenants.apply(config.auth)
-        self.pool.apply(config)
+        await self.discovery.apply(config)
         log.info(
             "config reloaded from %s: %d experts, fallbacks %s",
             self.path,
@@ -137,7 +143,8 @@ async def serve(
     certs = gateway_server_certs(config)
     telemetry = start_telemetry(Identity("gateway"), config.gateway.metrics_port, config.gateway.host)
     pool = Pool()
-    pool.apply(config)
+    discovery = Discovery(pool)  # expert addresses that are DNS names: a replica per address found
+    await discovery.apply(config)
     watch_replicas(lambda: [(x.expert_id, x.address, x.health, x.ejection.ejected()) for x in pool.links()])
     servicer = GatewayServicer(await _router(config), pool, Tenants(config.auth))
     freeze_heap()  # what start-up left (torch too, with the embeddings classifier)
@@ -164,7 +171,7 @@ async def serve(
     if config.gateway.reserved_cores:  # beside experts on one host, keep off their engines' cores
         tasks.append(asyncio.create_task(cpus.keep_placed("gateway")))
     if config_path is not None:
-        reloader = Reloader(config_path, servicer, pool, tokens)
+        reloader = Reloader(config_path, servicer, discovery, tokens)
         asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, reloader.requested.set)
         tasks.append(asyncio.create_task(reloader.run()))
     log.info(
@@ -184,6 +191,7 @@ async def serve(
         if http is not None:
             await http.stop()
         await server.stop(config.grace_period_s)
+        await discovery.close()
         await pool.close()
         telemetry.stop()  # export the last spans
         gc.unfreeze()  # serve() may run inside a larger process (tests): leave its heap as found

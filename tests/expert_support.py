@@ -45,6 +45,18 @@ def start_expert(config: Path, expert_id: str, log_dir: Path) -> subprocess.Pope
         )
 
 
+def start_gateway(config: Path, log: Path) -> subprocess.Popen[bytes]:
+    """``python -m expertmesh.gateway`` in its own process group, logging to the file ``log``."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("ab") as out:
+        return subprocess.Popen(
+            [str(VENV_BIN / "python"), "-m", "expertmesh.gateway", "--config", str(config)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            process_group=0,
+        )
+
+
 def stop_group(proc: subprocess.Popen[bytes], timeout: float = 30) -> None:
     """SIGTERM the process group, then SIGKILL whatever is left after ``timeout``."""
     family = []

@@ -31,7 +31,7 @@ from expertmesh.tls import client_credentials
 from expertmesh.v1 import expertmesh_pb2 as pb
 from expertmesh.v1 import expertmesh_pb2_grpc as pb_grpc
 
-from .expert_support import start_expert, stop_group
+from .expert_support import start_expert, start_gateway, stop_group
 from .support import GRPCURL, VENV_BIN, demo_expert, free_port, write_config
 
 pytestmark = pytest.mark.engine
@@ -192,13 +192,7 @@ def secure(tmp_path_factory: pytest.TempPathFactory, demo_models: list[Path]) ->
     config = load_config(path)
     logs = folder / "logs"
     expert = start_expert(path, "general_tiny", logs)
-    with (logs / "gateway.log").open("ab") as out:
-        gateway = subprocess.Popen(
-            [str(VENV_BIN / "python"), "-m", "expertmesh.gateway", "--config", str(path)],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            process_group=0,
-        )
+    gateway = start_gateway(path, logs / "gateway.log")
     mesh = SecureMesh(config, pki, folder, tokens, expert, gateway)
     try:
         asyncio.run(wait_health(mesh.expert, mesh.link_credentials()))
