@@ -371,7 +371,7 @@ async def mesh_of_fakes(tmp_path: Path, experts: list[FakeExpert]) -> AsyncItera
 async def test_gateway_spans_follow_the_caller_and_each_attempt(
     tmp_path: Path, spans: InMemorySpanExporter
 ) -> None:
-    """Caller -> gateway.generate -> gateway.attempt (failed, then failover) -> expert.generate."""
+    """Caller -> gateway.generate -> gateway.attempt (failed, then failover) -> the experts' GenAI spans."""
     code = FakeExpert("code", fail=grpc.StatusCode.UNAVAILABLE)
     general = FakeExpert("general")
     failovers = _sample("expertmesh_failovers_total", from_expert="code", to_expert="general")
@@ -393,7 +393,9 @@ async def test_gateway_spans_follow_the_caller_and_each_attempt(
         by_name.setdefault(s.name, []).append(s)
     (request,) = by_name["gateway.generate"]
     failed, served = sorted(by_name["gateway.attempt"], key=lambda s: s.start_time or 0)
-    failed_expert, served_expert = sorted(by_name["expert.generate"], key=lambda s: s.start_time or 0)
+    # the experts' spans are named as the GenAI conventions say: "{operation} {model}"
+    experts = [s for s in finished if s.name == f"text_completion {s.attributes.get('gen_ai.request.model')}"]
+    failed_expert, served_expert = sorted(experts, key=lambda s: s.start_time or 0)
     assert {_hex(s)[0] for s in finished} == {CALLER_TRACE}
     assert _hex(request)[2] == CALLER_SPAN and request.kind == SpanKind.SERVER
     assert _hex(failed)[2] == _hex(served)[2] == _hex(request)[1]

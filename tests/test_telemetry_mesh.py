@@ -37,6 +37,11 @@ CALLER_SPAN = "00f067aa0ba902b7"
 MAX_TOKENS = 8
 
 
+def expert_span(mesh: TracedMesh) -> str:
+    """The expert's span name (OpenTelemetry GenAI conventions: "{operation} {model}")."""
+    return f"text_completion {mesh.config.experts[0].model_path}"
+
+
 @dataclass
 class TracedMesh:
     """A running `expertmesh up` that exports spans to ``receiver``."""
@@ -125,7 +130,7 @@ async def test_one_trace_from_caller_through_gateway_expert_and_engine(mesh: Tra
         messages = [m async for m in call]
     assert sum(len(m.token_ids) for m in messages) == MAX_TOKENS
 
-    names = {"gateway.generate", "gateway.attempt", "expert.generate", "llm_request"}
+    names = {"gateway.generate", "gateway.attempt", expert_span(mesh), "llm_request"}
     spans = await asyncio.to_thread(
         mesh.receiver.wait_for,
         lambda got: names <= {s.name for s in got if s.trace_id == CALLER_TRACE},
@@ -133,7 +138,7 @@ async def test_one_trace_from_caller_through_gateway_expert_and_engine(mesh: Tra
     )
     trace = [s for s in spans if s.trace_id == CALLER_TRACE]
     request, attempt = _one(trace, "gateway.generate"), _one(trace, "gateway.attempt")
-    expert, engine = _one(trace, "expert.generate"), _one(trace, "llm_request")
+    expert, engine = _one(trace, expert_span(mesh)), _one(trace, "llm_request")
 
     assert request.service == attempt.service == "expertmesh-gateway"
     assert expert.service == f"expertmesh-expert-{EXPERT}"
@@ -195,7 +200,7 @@ async def test_without_a_caller_traceparent_the_gateway_starts_the_trace(mesh: T
     assert root.parent_span_id == ""
     expert = await asyncio.to_thread(
         mesh.receiver.wait_for,
-        lambda got: any(s.trace_id == root.trace_id and s.name == "expert.generate" for s in got),
+        lambda got: any(s.trace_id == root.trace_id and s.name == expert_span(mesh) for s in got),
         30,
     )
     assert expert
@@ -215,11 +220,11 @@ async def test_a_cancelled_stream_ends_its_spans_as_cancelled(mesh: TracedMesh) 
         return {s.name: s for s in got if s.attributes.get("expertmesh.request_id") == "cancel-1"}
 
     spans = await asyncio.to_thread(
-        mesh.receiver.wait_for, lambda got: {"gateway.generate", "expert.generate"} <= set(mine(got)), 30
+        mesh.receiver.wait_for, lambda got: {"gateway.generate", expert_span(mesh)} <= set(mine(got)), 30
     )
     cancelled = grpc.StatusCode.CANCELLED.value[0]
     assert mine(spans)["gateway.generate"].attributes["rpc.grpc.status_code"] == cancelled
-    assert mine(spans)["expert.generate"].attributes["rpc.grpc.status_code"] == cancelled
+    assert mine(spans)[expert_span(mesh)].attributes["rpc.grpc.status_code"] == cancelled
     (attempt,) = [
         s
         for s in spans

@@ -3,7 +3,9 @@
 The servicers use three decorators and two small helpers:
 
 - ``@gateway_generate`` / ``@expert_generate`` under ``@grpc_errors`` on ``Generate``: a SERVER
-  span (``gateway.generate`` / ``expert.generate``) that is a child of the caller's trace context
+  span (``gateway.generate`` / the expert's, named as OpenTelemetry's GenAI conventions name an
+  inference span: ``text_completion MODEL`` or ``chat MODEL``, with ``gen_ai.*`` attributes)
+  that is a child of the caller's trace context
   in the gRPC metadata; ``request_id``/``trace_id`` on every log line of the request; TTFT, time
   per output token, tokens, status code and streams in flight recorded from the stream itself.
 - :func:`current_request` ``.set_route(domain, signal, confidence)`` once the gateway has routed.
@@ -240,8 +242,10 @@ def _start(role: str, request: pb.GenerateRequest, context: Any) -> RequestTelem
         attributes: dict[str, Any] = {**_RPC, "rpc.service": _GATEWAY_SERVICE}
         name = "gateway.generate"
     else:
-        attributes = {**_RPC, "rpc.service": _EXPERT_SERVICE, **_generation_attributes(request, me)}
-        name = "expert.generate"
+        generation = _generation_attributes(request, me)
+        attributes = {**_RPC, "rpc.service": _EXPERT_SERVICE, **generation}
+        # OpenTelemetry's GenAI conventions: "{gen_ai.operation.name} {gen_ai.request.model}"
+        name = f"{generation['gen_ai.operation.name']} {me.model}"
     if request.request_id:
         attributes["expertmesh.request_id"] = request.request_id
     span = tracer().start_span(name, context=parent, kind=SpanKind.SERVER, attributes=attributes)
@@ -320,6 +324,6 @@ expert_generate = _decorator("expert")
 
 
 def trace_headers(engine: Any) -> dict[str, str] | None:
-    """vLLM ``trace_headers`` continuing the current ``expert.generate`` span (None: don't pass)."""
+    """vLLM ``trace_headers`` continuing the current expert span (None: don't pass)."""
     req = _current.get()
     return vllm_trace_headers(engine, req.context) if req is not None else None
