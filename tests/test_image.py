@@ -74,7 +74,7 @@ def test_hadolint_clean() -> None:
 
 def test_hadolint_catches_mistakes(tmp_path: Path) -> None:
     bad = tmp_path / "Dockerfile"
-    bad.write_text("FROM ubuntu:latest\nRUN cd /tmp && pip install vllm\n")
+    bad.write_text("FROM ubuntu:latest\nRUN cd /src && pip install vllm\n")
     proc = subprocess.run(
         [str(BIN / "hadolint"), "--config", str(ROOT / "deploy" / ".hadolint.yaml"), str(bad)],
         capture_output=True,
@@ -109,7 +109,7 @@ def test_dependencies_install_in_a_layer_before_the_source(parsed: dict[str, Sta
         assert ("ARG", f"EXTRA={extra}") in steps and extra in extras
         source = steps.index(("COPY", ". ."))
         deps = next(
-            i for i, (ins, arg) in enumerate(steps) if ins == "RUN" and "-r /tmp/requirements.txt" in arg
+            i for i, (ins, arg) in enumerate(steps) if ins == "RUN" and "-r /opt/requirements.txt" in arg
         )
         assert deps < source, name
         # before the source only the files the dependency list comes from, each of them present
