@@ -11,8 +11,10 @@ from opentelemetry import trace
 from opentelemetry.context import Context
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 
+from expertmesh.contract import EXPERT_SERVICE
+
 from . import metrics
-from .requests import _EXPERT_SERVICE, _RPC, _code_of, _current
+from .requests import RPC_ATTRIBUTES, code_of, current_request
 from .tracing import inject_metadata, tracer
 
 
@@ -54,12 +56,12 @@ def attempt_span(expert_id: str, address: str) -> Iterator[Attempt]:
     A try that follows a failed one counts as a failover (``expertmesh_failovers``) from the
     expert that failed to this one.
     """
-    req = _current.get()
+    req = current_request()
     parent = req.context if req is not None else Context()
     host, _, port = address.rpartition(":")
     attributes: dict[str, Any] = {
-        **_RPC,
-        "rpc.service": _EXPERT_SERVICE,
+        **RPC_ATTRIBUTES,
+        "rpc.service": EXPERT_SERVICE,
         "expertmesh.expert_id": expert_id,
         "expertmesh.replica": address,
         "server.address": host or address,
@@ -79,7 +81,7 @@ def attempt_span(expert_id: str, address: str) -> Iterator[Attempt]:
         yield attempt
     except BaseException as exc:
         if attempt.code is None:
-            code, details = _code_of(exc, None)
+            code, details = code_of(exc, None)
             attempt.set_outcome(code, details)
         if isinstance(exc, Exception) and span.is_recording():
             span.record_exception(exc)

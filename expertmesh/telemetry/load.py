@@ -13,7 +13,7 @@ from opentelemetry.context import Context
 from opentelemetry.trace import Status, StatusCode
 
 from . import metrics
-from .requests import _current
+from .requests import current_request
 from .tracing import tracer
 
 L = TypeVar("L", bound=Callable[..., Any])
@@ -25,7 +25,7 @@ def traced_load(load: L) -> L:
     @functools.wraps(load)
     async def traced(self: Any, *args: Any, **kwargs: Any) -> Any:
         cfg = self.cfg
-        req = _current.get()  # a lazy load started by a request belongs to its trace
+        req = current_request()  # a lazy load started by a request belongs to its trace
         span = tracer().start_span(
             "expert.load",
             context=req.context if req is not None else Context(),

@@ -35,6 +35,7 @@ from opentelemetry import trace
 from opentelemetry.context import Context
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 
+from expertmesh.contract import EXPERT_SERVICE, GATEWAY_SERVICE
 from expertmesh.errors import status_for
 from expertmesh.logs import request_context
 from expertmesh.v1 import expertmesh_pb2 as pb
@@ -96,7 +97,7 @@ def note_route(domain: str, signal: str, confidence: float | None = None) -> Non
         metrics.record_route(domain, signal)
 
 
-def _code_of(exc: BaseException | None, context: Any) -> tuple[grpc.StatusCode, str]:
+def code_of(exc: BaseException | None, context: Any) -> tuple[grpc.StatusCode, str]:
     """The status the caller sees when the stream ended with ``exc``."""
     if exc is None:
         return grpc.StatusCode.OK, ""
@@ -188,7 +189,7 @@ class RequestTelemetry:
 
     def finish(self, exc: BaseException | None, context: Any) -> None:
         """End the span and record the request's metrics."""
-        code, details = _code_of(exc, context)
+        code, details = code_of(exc, context)
         end = time.monotonic()
         self.expert = self.expert or self.last_attempt
         completion = self.completion_tokens or self.tokens
@@ -230,20 +231,18 @@ class RequestTelemetry:
         span.end()
 
 
-_RPC = {"rpc.system": "grpc", "rpc.method": "Generate"}
-_GATEWAY_SERVICE = pb.DESCRIPTOR.services_by_name["Gateway"].full_name
-_EXPERT_SERVICE = pb.DESCRIPTOR.services_by_name["Expert"].full_name
+RPC_ATTRIBUTES = {"rpc.system": "grpc", "rpc.method": "Generate"}
 
 
 def _start(role: str, request: pb.GenerateRequest, context: Any) -> RequestTelemetry:
     parent = context_from_metadata(_call(context, "invocation_metadata"))
     me = _identity
     if role == "gateway":
-        attributes: dict[str, Any] = {**_RPC, "rpc.service": _GATEWAY_SERVICE}
+        attributes: dict[str, Any] = {**RPC_ATTRIBUTES, "rpc.service": GATEWAY_SERVICE}
         name = "gateway.generate"
     else:
         generation = _generation_attributes(request, me)
-        attributes = {**_RPC, "rpc.service": _EXPERT_SERVICE, **generation}
+        attributes = {**RPC_ATTRIBUTES, "rpc.service": EXPERT_SERVICE, **generation}
         # OpenTelemetry's GenAI conventions: "{gen_ai.operation.name} {gen_ai.request.model}"
         name = f"{generation['gen_ai.operation.name']} {me.model}"
     if request.request_id:

@@ -14,20 +14,17 @@ import asyncio
 
 import grpc
 
+from expertmesh.contract import ENGINE_SERVICE, EXPERT_SERVICE
 from expertmesh.rpc import NOT_SERVING, SERVING, Health
-from expertmesh.v1 import expertmesh_pb2 as pb
 
 from .lifecycle import COLD, LOADING, READY, Lifecycle
-
-SERVICE = pb.DESCRIPTOR.services_by_name["Expert"].full_name
-ENGINE_SERVICE = f"{SERVICE}/engine"
 
 
 class ExpertHealth:
     """Keeps the health servicer in step with a :class:`Lifecycle`."""
 
     def __init__(self, server: grpc.aio.Server, life: Lifecycle) -> None:
-        self.health = Health(server, [SERVICE])
+        self.health = Health(server, [EXPERT_SERVICE])
         self.life = life
         self.shutting_down = False
         self._pending: set[asyncio.Task[None]] = set()
