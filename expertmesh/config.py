@@ -139,7 +139,7 @@ class DomainRules(_Strict):
 
     keywords: list[str] = Field(default_factory=list, description="Whole words, case-insensitive.")
     patterns: list[str] = Field(default_factory=list, description="Regular expressions (Python re).")
-    code: bool = Field(default=False, description="Prompts that contain code belong here.")
+    code: bool = Field(default=False, description="Prompts that contain code belong here (one domain at most).")
     non_english: bool = Field(default=False, description="Prompts not in English belong here.")
     examples: list[str] = Field(default_factory=list, description="Example prompts for the embedding signal.")
     resume: Literal["same_model", "any", "off"] | None = Field(
@@ -218,6 +218,16 @@ class RoutingConfig(_Strict):
         default_factory=list,
         description="DNS servers (host or host:port) for those names; empty = the system's (resolv.conf).",
     )
+
+    @model_validator(mode="after")
+    def _one_code_domain(self) -> RoutingConfig:
+        # The code signal votes for one domain: a second would never get its vote.
+        code = [name for name, rules in self.domains.items() if rules.code]
+        if len(code) > 1:
+            raise ValueError(
+                f"code: true is set on {len(code)} domains ({', '.join(code)}); at most one may have it"
+            )
+        return self
 
 
 class GatewayConfig(_Strict):

@@ -50,7 +50,7 @@ class Classifier:
         self.budget_s = routing.classify_budget_ms / 1000.0
         rules = RulesSignal(routing.domains)
         self.signals: list[RulesSignal | CodeSignal | LanguageSignal | EmbeddingSignal] = [rules]
-        code = [d for d, r in routing.domains.items() if r.code]
+        code = [d for d, r in routing.domains.items() if r.code]  # at most one (the config says so)
         if code:
             self.signals.append(CodeSignal(code[0]))
         foreign = [d for d, r in routing.domains.items() if r.non_english]

@@ -92,6 +92,10 @@ def test_invalid_json_reports_line_and_column(tmp_path: Path) -> None:
         (lambda d: d["experts"][0].update(dtype="fp8"), "dtype 'fp8' is not one of"),
         (lambda d: d["experts"][0].update(stream_interval=0), "stream_interval must be 'auto' or a whole"),
         (lambda d: d["experts"][0].update(stream_interval="fast"), "tokens >= 1, got 'fast'"),
+        (
+            lambda d: d.update(routing={"domains": {"general": {"code": True}, "math": {"code": True}}}),
+            r"code: true is set on 2 domains \(general, math\); at most one may have it",
+        ),
     ],
 )
 def test_inconsistent_configs_are_rejected(tmp_path: Path, change, message: str) -> None:  # type: ignore[no-untyped-def]
