@@ -12,7 +12,12 @@ replica's failures and never count. The forwarder also keeps at most
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # the replica holds an Ejection: a type-only import breaks the cycle
+    from .replica import Replica
 
 
 @dataclass
@@ -77,3 +82,14 @@ def may_eject(ejected: int, total: int, max_percent: float) -> bool:
     panic mode tries it again when nothing else is available).
     """
     return ejected == 0 or (ejected + 1) * 100 <= total * max_percent
+
+
+def may_eject_replica(
+    replica: Replica, siblings: Sequence[Replica], candidates: Iterable[Replica], max_percent: float
+) -> bool:
+    """Whether a failure may eject ``replica``: its expert's ejected share (``siblings``, its
+    replicas) stays in bounds, and another of the request's ``candidates`` is available."""
+    ejected = sum(1 for other in siblings if other.ejection.ejected())
+    if not may_eject(ejected, len(siblings), max_percent):
+        return False
+    return any(other is not replica and other.available() for other in candidates)

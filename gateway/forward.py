@@ -41,11 +41,11 @@ from expertmesh.v1 import expertmesh_pb2 as pb
 
 from . import resume
 from .call import CallContext
-from .ejection import may_eject
-from .health import ExpertLink
-from .outcome import ELSEWHERE, REPLICA_FAULTS, MidStream, expert_specific
+from .ejection import may_eject_replica
+from .link import ExpertLink
+from .outcome import ELSEWHERE, REPLICA_FAULTS, MidStream, Tried, expert_specific
+from .plan import Plan
 from .pool import Pool
-from .router import Route
 
 log = logging.getLogger(__name__)
 
@@ -55,24 +55,20 @@ DEADLINE_MARGIN_S = 0.05
 PASSTHROUGH = ("x-request-id",)
 
 
-def ordered_replicas(links: Sequence[ExpertLink], panic: bool = False) -> list[ExpertLink]:
-    """Available replicas (all of them in panic mode), least outstanding first (stable order)."""
-    return sorted((link for link in links if panic or link.available()), key=lambda link: link.outstanding)
-
-
 class Forwarder:
     """Runs the attempts for one request and keeps the record the explanation is built from."""
 
     def __init__(
         self,
         request: pb.GenerateRequest,
-        route: Route,
+        plan: Plan[ExpertLink],
         pool: Pool,
         routing: RoutingConfig,
         context: CallContext,
     ) -> None:
         self.request = request
-        self.route = route
+        self.plan = plan
+        self.route = route = plan.route
         self.pool = pool
         self.routing = routing
         self.context = context
@@ -99,15 +95,9 @@ class Forwarder:
         return remaining is not None and remaining <= DEADLINE_MARGIN_S
 
     def _may_eject(self, link: ExpertLink, experts: Sequence[ExpertConfig]) -> bool:
-        """Another candidate is available, and the expert's ejected share stays in bounds."""
-        siblings = self.pool.replicas.get(link.expert_id, [])
-        ejected = sum(1 for other in siblings if other.ejection.ejected())
-        if not may_eject(ejected, len(siblings), self.routing.max_ejection_percent):
-            return False
-        return any(
-            other is not link and other.available()
-            for e in experts
-            for other in self.pool.replicas.get(e.expert_id, [])
+        candidates = (other for e in experts for other in self.pool.of(e.expert_id))
+        return may_eject_replica(
+            link, self.pool.of(link.expert_id), candidates, self.routing.max_ejection_percent
         )
 
     def _count_failure(self, link: ExpertLink, experts: Sequence[ExpertConfig], outcome: str) -> None:
@@ -129,13 +119,6 @@ class Forwarder:
             return refusal(f"no expert for this request can serve it: {details} ({summary})")
         return Unavailable(f"every expert for this request failed: {summary}")
 
-    def _warm_later(self, index: int) -> bool:
-        return any(
-            other.available() and other.engine_ready
-            for e in self.route.experts[index + 1 :]
-            for other in self.pool.replicas.get(e.expert_id, [])
-        )
-
     async def stream(self) -> AsyncIterator[pb.GenerateResponse]:
         """Stream the answer of the first replica that takes the request, resumed elsewhere if
         that replica fails mid-stream (:mod:`.resume`)."""
@@ -154,50 +137,33 @@ class Forwarder:
                 fault = cut
 
     async def _first(self) -> AsyncIterator[pb.GenerateResponse]:
-        experts = self.route.experts
-        # Panic mode, as Envoy's: when no candidate looks available (health can lag, e.g. pings
-        # answered late on an overloaded host), try them all rather than fail without trying.
-        # A dead replica refuses at once; the attempts say what happened.
-        panic = not any(link.available() for e in experts for link in self.pool.replicas.get(e.expert_id, []))
-        for index, expert in enumerate(experts):
-            links = ordered_replicas(self.pool.replicas.get(expert.expert_id, []), panic)
-            if not links:
-                self._attempt(expert, "skipped: no replica SERVING" + _ejected(self.pool, expert))
-                continue
-            for link in links:
-                cold = expert.load == "lazy" and not link.engine_ready
-                if (
-                    cold
-                    and self.routing.loading_policy == "fallback_while_loading"
-                    and self._warm_later(index)
-                ):
+        """The plan's steps in order (:mod:`.plan`), until one serves."""
+        for index, step in enumerate(self.plan.steps):
+            link = step.replica
+            if step.skip:
+                if step.load and link is not None:
                     _start_loading(link)
-                    self._attempt(link, "skipped: engine not loaded; loading it in the background")
-                    break
-                sent = 0
-                hedge = None if cold else self._hedge_target(link, index)
-                attempts = self._attempt_at(link, expert, cold, self.request)
-                if hedge is not None:
-                    attempts = self._hedged(attempts, *hedge)
-                async for msg in attempts:
-                    sent += 1
-                    yield msg
-                if sent:
-                    return
+                self._attempt(link or step.expert, step.skip)
+                continue
+            assert link is not None
+            tried = Tried()
+            hedge = None if step.cold else self.plan.hedge_target(index)
+            attempts = self._attempt_at(link, step.expert, step.cold, self.request, tried)
+            if hedge is not None and self.routing.hedge_after_ms is not None:
+                assert hedge.replica is not None
+                attempts = self._hedged(attempts, tried, hedge.expert, hedge.replica)
+            async for msg in attempts:
+                yield msg
+            if tried.served:
+                return
         raise self._final_error()
 
-    def _hedge_target(self, link: ExpertLink, index: int) -> tuple[ExpertConfig, ExpertLink] | None:
-        """With ``routing.hedge_after_ms``: the replica a hedge would go to (warm, available)."""
-        if self.routing.hedge_after_ms is None:
-            return None
-        for expert in self.route.experts[index:]:
-            for other in ordered_replicas(self.pool.replicas.get(expert.expert_id, [])):
-                if other is not link and (expert.load == "eager" or other.engine_ready):
-                    return expert, other
-        return None
-
     async def _hedged(
-        self, primary: AsyncIterator[pb.GenerateResponse], expert: ExpertConfig, link: ExpertLink
+        self,
+        primary: AsyncIterator[pb.GenerateResponse],
+        tried: Tried,
+        expert: ExpertConfig,
+        link: ExpertLink,
     ) -> AsyncIterator[pb.GenerateResponse]:
         """``primary``, unless it sends nothing for ``hedge_after_ms``: then also ``link``, and
         whichever sends its first message first goes on; the other is cancelled (its engine
@@ -206,7 +172,7 @@ class Forwarder:
         runners = {asyncio.ensure_future(anext(primary)): primary}
         _, pending = await asyncio.wait(runners, timeout=self.routing.hedge_after_ms / 1000)
         if pending:
-            second = self._attempt_at(link, expert, False, self.request)
+            second = self._attempt_at(link, expert, False, self.request, tried)
             runners[asyncio.ensure_future(anext(second))] = second
         winner: AsyncIterator[pb.GenerateResponse] | None = None
         first: pb.GenerateResponse | None = None
@@ -220,6 +186,8 @@ class Forwarder:
                         break
                     if not isinstance(task.exception(), StopAsyncIteration):
                         raise task.exception()  # type: ignore[misc]  # the request's own failure
+                    if tried.served:  # an empty stream that ended OK: served, nothing to hedge
+                        return
         finally:
             self.hedge_lost = True  # what the loser's attempt records as its outcome
             for task, attempt in runners.items():  # the loser: cancelled, its request aborted
@@ -229,7 +197,7 @@ class Forwarder:
                 await attempt.aclose()  # type: ignore[attr-defined]
             self.hedge_lost = False
         if winner is None or first is None:
-            return  # both failed before a message: the caller tries the next candidate
+            return  # both ended before a message: the caller reads ``tried``
         attempts = first.route.attempts  # the explanation as it is now, the loser included
         del attempts[:]
         attempts.extend(self.decision.attempts)
@@ -255,23 +223,23 @@ class Forwarder:
                 resumed_address=link.address,
             )
             request = self.streamed.continuation(self.request, same_model)
-            sent = 0
-            async for msg in self._attempt_at(link, expert, False, request):
+            tried = Tried()
+            async for msg in self._attempt_at(link, expert, False, request, tried):
                 msg.request_id = ""  # the caller had it with the first message
-                sent += 1
                 yield msg
-            if sent:
+            if tried.served:
                 return
             del self.decision.seams[-1]  # it did not take it (its attempt says why): the next may
         raise Unavailable(f"{ended}; no replica to resume on ({mode})")
 
     async def _attempt_at(
-        self, link: ExpertLink, expert: ExpertConfig, cold: bool, request: pb.GenerateRequest
+        self, link: ExpertLink, expert: ExpertConfig, cold: bool, request: pb.GenerateRequest, tried: Tried
     ) -> AsyncIterator[pb.GenerateResponse]:
-        """One attempt, its span, and the route explanation on its first message."""
+        """One attempt, its span, and the route explanation on its first message; ``tried``
+        says whether it served."""
         first = True
         with attempt_span(link.expert_id, link.address) as attempt:
-            async for msg in self._try(link, expert, self.route.experts, cold, attempt, request):
+            async for msg in self._try(link, self.route.experts, cold, attempt, request, tried):
                 if first:
                     msg.route.CopyFrom(self.decision)
                     msg.route.expert_id, msg.route.address = link.expert_id, link.address
@@ -283,14 +251,15 @@ class Forwarder:
     async def _try(
         self,
         link: ExpertLink,
-        expert: ExpertConfig,
         experts: Sequence[ExpertConfig],
         cold: bool,
         attempt: Attempt,
         request: pb.GenerateRequest,
+        tried: Tried,
     ) -> AsyncIterator[pb.GenerateResponse]:
-        """One attempt. Yields the expert's messages; returns quietly when another may be tried;
-        MidStream when the replica failed after its first message."""
+        """One attempt. Yields the expert's messages; returns quietly, ``tried.served`` telling
+        whether the stream ended OK (an empty one too) or another may be tried; MidStream when
+        the replica failed after its first message."""
         metadata = tuple((k, v) for k, v in self.context.invocation_metadata() or () if k in PASSTHROUGH)
         call = link.mux.open(request, self._timeout(), attempt.metadata(metadata))
         link.outstanding += 1
@@ -307,9 +276,11 @@ class Forwarder:
                 sent += 1
                 yield msg
             link.ejection.success()
+            tried.served = True
             self._attempt(link, "ok")
         except StopAsyncIteration:
             link.ejection.success()
+            tried.served = True
             self._attempt(link, "ok (empty stream)")
         except (asyncio.CancelledError, GeneratorExit):
             if self.hedge_lost:
@@ -364,10 +335,3 @@ def _start_loading(link: ExpertLink) -> None:
 
 
 _background: set[asyncio.Task[None]] = set()
-
-
-def _ejected(pool: Pool, expert: ExpertConfig) -> str:
-    links = pool.replicas.get(expert.expert_id, [])
-    ejected = [link.address for link in links if link.ejection.ejected()]
-    health = ", ".join(f"{link.address} {link.health}" for link in links)
-    return f" ({health}" + (f"; ejected: {', '.join(ejected)})" if ejected else ")")

@@ -3,11 +3,13 @@ resume): the replica's own fault, not its fault but another may serve, or the re
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import grpc
 
 from expertmesh.errors import EXPERT_LIMIT, REASON_KEY
 
-from .health import ExpertLink
+from .replica import Replica
 
 #: The replica's own failures: they count toward its ejection.
 REPLICA_FAULTS = frozenset(
@@ -22,10 +24,18 @@ REPLICA_FAULTS = frozenset(
 ELSEWHERE = frozenset({grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.CANCELLED})
 
 
+@dataclass
+class Tried:
+    """An attempt's explicit result: ``served`` once its stream ended OK (an empty stream
+    too: the expert answered, so the request is not run again elsewhere)."""
+
+    served: bool = False
+
+
 class MidStream(Exception):
     """The replica failed after the caller had its first message (its own failure)."""
 
-    def __init__(self, link: ExpertLink, outcome: str) -> None:
+    def __init__(self, link: Replica, outcome: str) -> None:
         super().__init__(outcome)
         self.link, self.outcome = link, outcome
 

@@ -12,7 +12,7 @@ from expertmesh.config import LimitsConfig, MeshConfig, RoutingConfig
 from expertmesh.tls import TlsError, link_files, link_security
 
 from .ejection import Ejection
-from .health import ExpertLink
+from .link import ExpertLink
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +71,10 @@ class Pool:
         """
         if link_files(config) != self._stamp:
             self.apply(config)
+
+    def of(self, expert_id: str) -> list[ExpertLink]:
+        """The replicas of ``expert_id`` (none for an unknown expert)."""
+        return self.replicas.get(expert_id, [])
 
     def links(self) -> Iterable[ExpertLink]:
         """Every current link."""

@@ -17,8 +17,9 @@ from collections.abc import Iterator, Sequence
 from expertmesh.config import ExpertConfig, RoutingConfig
 from expertmesh.v1 import expertmesh_pb2 as pb
 
-from .health import ExpertLink
+from .link import ExpertLink
 from .pool import Pool
+from .replica import Replica
 
 
 def policy(routing: RoutingConfig, domain: str) -> str:
@@ -57,7 +58,7 @@ class Streamed:
 
 
 def targets(
-    pool: Pool, experts: Sequence[ExpertConfig], failed: ExpertLink, mode: str
+    pool: Pool, experts: Sequence[ExpertConfig], failed: Replica, mode: str
 ) -> Iterator[tuple[ExpertConfig, ExpertLink, bool]]:
     """Where to resume, best first: (expert, replica, same model?).
 
@@ -70,6 +71,6 @@ def targets(
     ordered = sorted(same, key=lambda e: e.expert_id != failed.expert_id)  # its own replicas first
     others = [e for e in experts if e.model_path != model] if mode == "any" else []
     for expert in [*ordered, *others]:
-        links = [x for x in pool.replicas.get(expert.expert_id, []) if x is not failed and x.available()]
+        links = [x for x in pool.of(expert.expert_id) if x is not failed and x.available()]
         for link in sorted(links, key=lambda x: x.outstanding):
             yield expert, link, expert.model_path == model

@@ -145,7 +145,7 @@ async def serve(
     pool = Pool()
     discovery = Discovery(pool)  # expert addresses that are DNS names: a replica per address found
     await discovery.apply(config)
-    watch_replicas(lambda: [(x.expert_id, x.address, x.health, x.ejection.ejected()) for x in pool.links()])
+    watch_replicas(lambda: [link.row() for link in pool.links()])
     servicer = GatewayServicer(await _router(config), pool, Tenants(config.auth))
     freeze_heap()  # what start-up left (torch too, with the embeddings classifier)
     interceptors = [TokenAuth(tokens)] if tokens else []

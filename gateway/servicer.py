@@ -18,7 +18,8 @@ from expertmesh.validation import check_request
 from .admission import Admission
 from .auth import current_tenant
 from .call import CallContext
-from .forward import Forwarder, ordered_replicas
+from .forward import Forwarder
+from .plan import plan
 from .pool import Pool
 from .router import Router
 from .tenants import Tenants
@@ -54,7 +55,8 @@ class GatewayServicer(pb_grpc.GatewayServicer):
             tenant = current_tenant.get()
             route = self.tenants.permit(tenant, request, await router.route(request))
             note_route(route.domain, route.signal, route.confidence)
-            forwarder = Forwarder(request, route, self.pool, router.config.routing, context)
+            routing = router.config.routing
+            forwarder = Forwarder(request, plan(route, self.pool.of, routing), self.pool, routing, context)
             lease = self.tenants.admit(tenant, request)
             try:
                 async for msg in forwarder.stream():
@@ -77,14 +79,9 @@ class GatewayServicer(pb_grpc.GatewayServicer):
     @grpc_errors
     async def Route(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> pb.RouteDecision:
         check_request(request, self.router.config.limits)
-        route = self.tenants.permit(current_tenant.get(), request, await self.router.route(request))
-        decision = route.decision()
-        for expert in route.experts:
-            links = ordered_replicas(self.pool.replicas.get(expert.expert_id, []))
-            if links:
-                decision.expert_id, decision.address = expert.expert_id, links[0].address
-                break
-        return decision
+        router = self.router
+        route = self.tenants.permit(current_tenant.get(), request, await router.route(request))
+        return plan(route, self.pool.of, router.config.routing).decision()  # as Generate would go
 
     @grpc_errors
     async def ListExperts(
@@ -98,7 +95,7 @@ class GatewayServicer(pb_grpc.GatewayServicer):
         return pb.ListExpertsResponse(experts=statuses, default_domain=config.effective_default_domain())
 
     async def _status(self, expert_id: str, domain: str) -> pb.ExpertStatus:
-        links = self.pool.replicas.get(expert_id, [])
+        links = self.pool.of(expert_id)
         best = next((link for link in links if link.serving), links[0])
         status = pb.ExpertStatus(
             expert_id=expert_id,
