@@ -139,7 +139,9 @@ class DomainRules(_Strict):
 
     keywords: list[str] = Field(default_factory=list, description="Whole words, case-insensitive.")
     patterns: list[str] = Field(default_factory=list, description="Regular expressions (Python re).")
-    code: bool = Field(default=False, description="Prompts that contain code belong here (one domain at most).")
+    code: bool = Field(
+        default=False, description="Prompts that contain code belong here (one domain at most)."
+    )
     non_english: bool = Field(default=False, description="Prompts not in English belong here.")
     examples: list[str] = Field(default_factory=list, description="Example prompts for the embedding signal.")
     resume: Literal["same_model", "any", "off"] | None = Field(

@@ -30,3 +30,16 @@ def freeze_heap() -> None:
     """
     gc.collect()
     gc.freeze()
+
+
+def thaw_heap() -> None:
+    """Undo :func:`freeze_heap`, so that what was frozen can be collected again (an engine was
+    replaced; or a server ran inside a larger process, e.g. a test, and leaves its heap as found)."""
+    gc.unfreeze()
+
+
+def skip_exit_collection() -> None:
+    """Freeze the heap just before the process exits: torch and vLLM leave millions of objects,
+    and collecting them at exit takes seconds of the grace period for nothing (frozen objects are
+    skipped by the final collections)."""
+    gc.freeze()

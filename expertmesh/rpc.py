@@ -1,4 +1,5 @@
-"""What every expertmesh server shares: health, reflection, graceful stop on signals."""
+"""What every expertmesh server and channel shares: options, health, reflection, binding,
+the stop signals (the server's life around them is :mod:`expertmesh.runtime`)."""
 
 from __future__ import annotations
 
@@ -97,19 +98,10 @@ class _HealthServicer(health.aio.HealthServicer):  # type: ignore[misc]
 class Health:
     """grpc.health.v1 for one server: the overall status ("") and each named service."""
 
-    def __init__(self, server: grpc.aio.Server, services: list[str], reflect: bool = True) -> None:
+    def __init__(self, server: grpc.aio.Server, services: list[str]) -> None:
         self.servicer = _HealthServicer()
         self.services = ["", *services]
         health_pb2_grpc.add_HealthServicer_to_server(self.servicer, server)
-        if reflect:
-            reflection.enable_server_reflection(
-                [
-                    *services,
-                    health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-                    reflection.SERVICE_NAME,
-                ],
-                server,
-            )
 
     async def set(self, serving: bool) -> None:
         """Report SERVING or NOT_SERVING for every service of this server."""
@@ -119,6 +111,12 @@ class Health:
     async def close(self) -> None:
         """Shutting down: NOT_SERVING from now on, and every Watch stream ends."""
         await self.servicer.close()
+
+
+def enable_reflection(server: grpc.aio.Server, services: list[str]) -> None:
+    """gRPC server reflection for ``services``, the health service and reflection itself."""
+    health_service = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+    reflection.enable_server_reflection([*services, health_service, reflection.SERVICE_NAME], server)
 
 
 def stop_event_on_signals() -> asyncio.Event:

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Coroutine
+from typing import Any
 
-from expertmesh import loop
-from expertmesh.config import ConfigError, load_resolved
-from expertmesh.logs import setup_logging
+from expertmesh.config import load_resolved
+from expertmesh.runtime import entry
 from expertmesh.tls import TlsError
 
 from .auth import TokensError
@@ -20,17 +21,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", help="mesh config (env: EXPERTMESH_CONFIG, legacy VLLM_CONFIG_PATH)")
     parser.add_argument("--port", type=int, help="listen port (default: gateway.port from the config)")
     args = parser.parse_args(argv)
-    setup_logging()
-    try:
+
+    def start() -> Coroutine[Any, Any, int]:
         config, source = load_resolved(args.config)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    try:
-        return loop.run(serve(config, source.path, args.port))
-    except (TokensError, TlsError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return serve(config, source.path, args.port)
+
+    return entry(start, refusals=(TokensError, TlsError))
 
 
 if __name__ == "__main__":

@@ -11,20 +11,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import logging
 import signal
 from pathlib import Path
 
-import grpc
-
 from expertmesh import cpus
 from expertmesh.config import ConfigError, MeshConfig, load_config
-from expertmesh.loop import freeze_heap
-from expertmesh.rpc import Health, bind, server_options, stop_event_on_signals
-from expertmesh.telemetry import Identity, start_telemetry, watch_replicas
+from expertmesh.contract import GATEWAY_SERVICE
+from expertmesh.loop import freeze_heap, thaw_heap
+from expertmesh.rpc import Health, enable_reflection
+from expertmesh.runtime import Runtime
+from expertmesh.telemetry import Identity, watch_replicas
 from expertmesh.tls import gateway_server_certs
-from expertmesh.v1 import expertmesh_pb2 as pb
 from expertmesh.v1 import expertmesh_pb2_grpc as pb_grpc
 
 from .auth import TokenAuth, TokensFile
@@ -37,7 +35,6 @@ from .servicer import GatewayServicer
 from .tenants import Tenants
 
 log = logging.getLogger(__name__)
-SERVICE = pb.DESCRIPTOR.services_by_name["Gateway"].full_name
 WATCH_CONFIG_S = 1.0
 
 
@@ -133,7 +130,6 @@ async def serve(
     stop: asyncio.Event | None = None,
 ) -> int:
     """Serve until SIGTERM/SIGINT (or ``stop``); return the process exit code."""
-    stop = stop or stop_event_on_signals()
     # Secrets first: a gateway with unusable tokens or certificates must not start at all.
     tokens_path = config.tokens_file()
     # Every tenant a token names must be declared in auth.tenants: a typo must not turn a
@@ -141,59 +137,53 @@ async def serve(
     tenant_names = set(config.auth.tenants) if config.auth else set()
     tokens = TokensFile(tokens_path, tenant_names) if tokens_path else None
     certs = gateway_server_certs(config)
-    telemetry = start_telemetry(Identity("gateway"), config.gateway.metrics_port, config.gateway.host)
+    gw = config.gateway
+    runtime = Runtime(
+        Identity("gateway"),
+        gw.metrics_port,
+        gw.host,
+        config.limits.max_message_bytes,
+        [TokenAuth(tokens)] if tokens else [],
+        stop,
+    )
     pool = Pool()
     discovery = Discovery(pool)  # expert addresses that are DNS names: a replica per address found
     await discovery.apply(config)
     watch_replicas(lambda: [link.row() for link in pool.links()])
     servicer = GatewayServicer(await _router(config), pool, Tenants(config.auth))
     freeze_heap()  # what start-up left (torch too, with the embeddings classifier)
-    interceptors = [TokenAuth(tokens)] if tokens else []
-    server = grpc.aio.server(
-        options=server_options(config.limits.max_message_bytes), interceptors=interceptors
-    )
-    pb_grpc.add_GatewayServicer_to_server(servicer, server)
-    health = Health(server, [SERVICE], reflect=config.gateway.reflection)
+    pb_grpc.add_GatewayServicer_to_server(servicer, runtime.server)
+    health = Health(runtime.server, [GATEWAY_SERVICE])
+    if gw.reflection:
+        enable_reflection(runtime.server, [GATEWAY_SERVICE])
     await health.set(False)
-    bound = bind(
-        server,
-        config.gateway.host,
-        config.gateway.port if port is None else port,
-        certs.credentials() if certs else None,
-    )
-    await server.start()
-    http = None
-    if config.gateway.http_port is not None:  # the OpenAI-compatible front, same routing path
-        http = await start_http(config, servicer, pool, tokens, config.gateway.http_port)
-    tasks = [asyncio.create_task(_mirror_health(pool, health))]
+    bound = runtime.bind(gw.host, gw.port if port is None else port, certs.credentials() if certs else None)
+    await runtime.start()
+    runtime.draining.append(health.close)  # NOT_SERVING, and the health Watch streams end
+    if gw.http_port is not None:  # the OpenAI-compatible front, same routing path
+        http = await start_http(config, servicer, pool, tokens, gw.http_port)
+        runtime.draining.append(http.stop)
+    runtime.closing += [discovery.close, pool.close]
+    runtime.background(_mirror_health(pool, health))
     if tokens is not None:
-        tasks.append(asyncio.create_task(tokens.watch()))
-    if config.gateway.reserved_cores:  # beside experts on one host, keep off their engines' cores
-        tasks.append(asyncio.create_task(cpus.keep_placed("gateway")))
+        runtime.background(tokens.watch())
+    if gw.reserved_cores:  # beside experts on one host, keep off their engines' cores
+        runtime.background(cpus.keep_placed("gateway"))
     if config_path is not None:
         reloader = Reloader(config_path, servicer, discovery, tokens)
         asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, reloader.requested.set)
-        tasks.append(asyncio.create_task(reloader.run()))
+        runtime.background(reloader.run())
     log.info(
         "gateway listening on %s:%d (%s, %s) for %d experts",
-        config.gateway.host,
+        gw.host,
         bound,
-        ("mTLS" if config.gateway.tls.client_ca_file else "TLS") if config.gateway.tls else "plaintext",
+        ("mTLS" if gw.tls.client_ca_file else "TLS") if gw.tls else "plaintext",
         f"tokens from {tokens.path}" if tokens else "no auth",
         len(config.experts),
     )
     try:
-        await stop.wait()
+        await runtime.serve(lambda: config.grace_period_s)
     finally:
-        for task in tasks:
-            task.cancel()
-        await health.close()  # NOT_SERVING, and the health Watch streams end
-        if http is not None:
-            await http.stop()
-        await server.stop(config.grace_period_s)
-        await discovery.close()
-        await pool.close()
-        telemetry.stop()  # export the last spans
-        gc.unfreeze()  # serve() may run inside a larger process (tests): leave its heap as found
+        thaw_heap()  # serve() may run inside a larger process (tests): leave its heap as found
         log.info("gateway stopped")
     return 0

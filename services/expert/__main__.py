@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import gc
 import sys
+from collections.abc import Coroutine
+from typing import Any
 
-from expertmesh import loop
-from expertmesh.config import ConfigError, load_resolved
-from expertmesh.logs import setup_logging
+from expertmesh.config import load_resolved
+from expertmesh.runtime import Refused, entry
 
 from .server import serve
 
@@ -23,29 +23,23 @@ def main(argv: list[str] | None = None) -> int:
         "--replica", type=int, default=0, help="which of the expert's local_replicas (its port, metrics port)"
     )
     args = parser.parse_args(argv)
-    setup_logging()
-    try:
+
+    def start() -> Coroutine[Any, Any, int]:
         config, source = load_resolved(args.config)
-        index = [e.expert_id for e in config.experts].index(args.expert_id)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except ValueError:
-        print(f"error: expert {args.expert_id!r} is not in {source.path}", file=sys.stderr)
-        return 2
-    ports = config.replica_ports(index)
-    if not 0 <= args.replica < len(ports):
-        print(f"error: expert {args.expert_id!r} has {len(ports)} local replicas", file=sys.stderr)
-        return 2
-    port = ports[args.replica] if args.port is None else args.port
-    expert = config.experts[index]
-    if args.replica and expert.metrics_port is not None:
-        expert = expert.model_copy(update={"metrics_port": expert.metrics_port + args.replica})
-    code = loop.run(serve(expert, port, config.grace_period_s, config))
-    # torch and vLLM leave millions of objects; collecting them at exit takes seconds of the
-    # grace period for nothing. Frozen objects are skipped by the final collections.
-    gc.freeze()
-    return code
+        ids = [e.expert_id for e in config.experts]
+        if args.expert_id not in ids:
+            raise Refused(f"expert {args.expert_id!r} is not in {source.path}")
+        index = ids.index(args.expert_id)
+        ports = config.replica_ports(index)
+        if not 0 <= args.replica < len(ports):
+            raise Refused(f"expert {args.expert_id!r} has {len(ports)} local replicas")
+        port = ports[args.replica] if args.port is None else args.port
+        expert = config.experts[index]
+        if args.replica and expert.metrics_port is not None:
+            expert = expert.model_copy(update={"metrics_port": expert.metrics_port + args.replica})
+        return serve(expert, port, config.grace_period_s, config)
+
+    return entry(start)
 
 
 if __name__ == "__main__":

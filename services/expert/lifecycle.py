@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterator
@@ -28,7 +27,7 @@ import psutil
 from expertmesh import cpus
 from expertmesh.config import ExpertConfig
 from expertmesh.errors import FailedPrecondition, Unavailable
-from expertmesh.loop import freeze_heap
+from expertmesh.loop import freeze_heap, thaw_heap
 from expertmesh.telemetry import traced_load
 from expertmesh.v1 import expertmesh_pb2 as pb
 
@@ -301,7 +300,7 @@ class Lifecycle:
             await asyncio.to_thread(shutdown_engine, engine, self._engine_procs)
             if self._ipc is not None:  # the engine's processes are gone: so are their sockets' users
                 self._ipc.clear()
-            gc.unfreeze()  # the old engine's cycles can be collected now; the next load freezes anew
+            thaw_heap()  # the old engine's cycles can be collected now; the next load freezes anew
         except Exception:
             log.exception("expert %s: engine shutdown failed", self.cfg.expert_id)
         self.unload_reason = reason

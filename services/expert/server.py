@@ -11,12 +11,12 @@ from __future__ import annotations
 import asyncio
 import logging
 
-import grpc
-
 from expertmesh.config import ExpertConfig, LimitsConfig, MeshConfig
+from expertmesh.contract import EXPERT_SERVICE
 from expertmesh.errors import Unavailable
-from expertmesh.rpc import bind, server_options, stop_event_on_signals
-from expertmesh.telemetry import Identity, start_telemetry, watch_expert
+from expertmesh.rpc import enable_reflection
+from expertmesh.runtime import Runtime
+from expertmesh.telemetry import Identity, watch_expert
 from expertmesh.tls import RequirePeerCertificate, TlsError, expert_server_certs, insecure_bind_refusal
 from expertmesh.v1 import expertmesh_pb2_grpc as pb_grpc
 
@@ -70,9 +70,15 @@ async def serve(cfg: ExpertConfig, port: int, grace_s: float, mesh: MeshConfig |
         return 2
     output = OutputTail().install()  # so that a failed load reports the engine processes' error
     ipc = IpcDir.claim()
-    stop = stop_event_on_signals()
-    telemetry = start_telemetry(
-        Identity("expert", cfg.expert_id, cfg.domain, cfg.model_path), cfg.metrics_port, cfg.host
+    limits = mesh.limits if mesh is not None else LimitsConfig()
+    # Under internal_tls the handshake already requires a mesh certificate; the interceptor
+    # keeps Load, Unload and Multiplex closed even if that ever changed.
+    runtime = Runtime(
+        Identity("expert", cfg.expert_id, cfg.domain, cfg.model_path),
+        cfg.metrics_port,
+        cfg.host,
+        limits.max_message_bytes,
+        [RequirePeerCertificate()] if certs else [],
     )
     budget = MemoryBudget.for_mesh(mesh, cfg.expert_id)
     prompts = Prompts(cfg)
@@ -91,26 +97,20 @@ async def serve(cfg: ExpertConfig, port: int, grace_s: float, mesh: MeshConfig |
         lambda: life.engine.get_num_unfinished_requests() if life.engine else 0,
         cfg.max_queue,
     )
-    limits = mesh.limits if mesh is not None else LimitsConfig()
-    # Under internal_tls the handshake already requires a mesh certificate; the interceptor
-    # keeps Load, Unload and Multiplex closed even if that ever changed.
-    server = grpc.aio.server(
-        options=server_options(limits.max_message_bytes),
-        interceptors=[RequirePeerCertificate()] if certs else [],
-    )
     servicer = ExpertServicer(life, prompts, limits)
-    pb_grpc.add_ExpertServicer_to_server(servicer, server)
-    health = ExpertHealth(server, life)
+    pb_grpc.add_ExpertServicer_to_server(servicer, runtime.server)
+    health = ExpertHealth(runtime.server, life)
+    enable_reflection(runtime.server, [EXPERT_SERVICE])
     await health.apply()
     try:
-        bound = bind(server, cfg.host, port, certs.credentials() if certs else None)
+        bound = runtime.bind(cfg.host, port, certs.credentials() if certs else None)
     except (OSError, RuntimeError) as e:  # grpcio raises RuntimeError for a port in use
         log.error("expert %s cannot listen on %s:%d: %s", cfg.expert_id, cfg.host, port, e)
-        telemetry.stop()
+        runtime.abandon()
         output.close()
         ipc.remove()
         return 1
-    await server.start()
+    await runtime.start()
     log.info(
         "expert %s listening on %s:%d (%s, load: %s)",
         cfg.expert_id,
@@ -123,22 +123,22 @@ async def serve(cfg: ExpertConfig, port: int, grace_s: float, mesh: MeshConfig |
         life.start_load(on_demand=False)
     # The tokenizer (and the vLLM import it needs) is cheap next to the engine: have it ready
     # before the first request, so that a cold expert validates and tokenizes at once.
-    warm = asyncio.create_task(_warm_tokenizer(prompts))
-    keeper = asyncio.create_task(_housekeeping(life, stop))
+    runtime.background(_warm_tokenizer(prompts))
+    runtime.background(_housekeeping(life, runtime.stop))
+    runtime.draining += [
+        servicer.drain,  # new streams refused (UNAVAILABLE: fail over); calls end when theirs have
+        health.shutdown,  # NOT_SERVING, and the health Watch streams end
+    ]
+
+    # Nothing in flight can finish on a dead engine (its streams have already ended with the
+    # cause), so a dead engine does not hold the restart for the whole grace period.
+    def grace() -> float:
+        return DEAD_ENGINE_GRACE_S if life.state == FAILED else grace_s
+
+    runtime.closing += [lambda: life.close(grace()), ipc.remove]
     try:
-        await stop.wait()
+        await runtime.serve(grace)
     finally:
-        keeper.cancel()
-        warm.cancel()
-        servicer.drain()  # new streams refused (UNAVAILABLE: fail over); calls end when theirs have
-        await health.shutdown()  # NOT_SERVING, and the health Watch streams end
-        # Nothing in flight can finish on a dead engine (its streams have already ended with
-        # the cause), so a dead engine does not hold the restart for the whole grace period.
-        grace = DEAD_ENGINE_GRACE_S if life.state == FAILED else grace_s
-        await server.stop(grace)
-        await life.close(grace)
-        ipc.remove()
-        telemetry.stop()  # export the last spans
         log.info("expert %s stopped", cfg.expert_id)
         output.close()
     return 1 if life.state == FAILED else 0
