@@ -28,7 +28,7 @@ import psutil
 import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from expertmesh import cpus, demo_models
+from expertmesh import cpus, demo_models, procs
 from expertmesh.config import load_config
 from expertmesh.v1 import expertmesh_pb2 as pb
 from expertmesh.v1 import expertmesh_pb2_grpc as pb_grpc
@@ -97,7 +97,7 @@ class Mesh:
     folder: Path
     proc: subprocess.Popen[bytes] | None = None
     stopped: set[int] = field(default_factory=set)
-    descendants: dict[int, psutil.Process] = field(default_factory=dict)
+    family: procs.Family | None = None
     _log: IO[bytes] | None = None
 
     @property
@@ -128,12 +128,11 @@ class Mesh:
         self.write(self.data)
         self._log = (self.folder / "up.log").open("ab")
         argv = [sys.executable, "-m", "expertmesh.cli", "up", "--config", str(self.config_path)]
-        self.proc = subprocess.Popen(
+        self.proc = procs.spawn(
             [*argv, "--log-dir", str(self.folder / "logs")],
             stdin=subprocess.DEVNULL,
             stdout=self._log,
             stderr=subprocess.STDOUT,
-            process_group=0,
         )
 
     def check_alive(self) -> None:
@@ -144,8 +143,9 @@ class Mesh:
 
     def _children(self) -> list[psutil.Process]:
         assert self.proc is not None
+        self.family = self.family or procs.Family(self.proc.pid)
         kids = psutil.Process(self.proc.pid).children()
-        self.descendants.update({p.pid: p for p in psutil.Process(self.proc.pid).children(recursive=True)})
+        self.family.record()
         return kids
 
     def child_pid(self, needle: str) -> int:
@@ -203,11 +203,7 @@ class Mesh:
             self.proc.send_signal(signal.SIGTERM)
             with contextlib.suppress(subprocess.TimeoutExpired):
                 self.proc.wait(float(self.data["grace_period_s"]) + STOP_MARGIN_S)
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        for proc in self.descendants.values():
-            with contextlib.suppress(psutil.Error):  # psutil checks the start time: no reused pid
-                proc.kill()
+        (self.family or procs.Family(self.proc.pid)).kill()  # the group and every descendant seen
         self.proc.wait(10)
         if self._log is not None:
             self._log.close()

@@ -20,8 +20,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -32,12 +30,14 @@ from typing import IO, Any
 
 import grpc
 import psutil
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from expertmesh import cpus
+from expertmesh import cpus, procs
 from expertmesh.logs import log_tail
+from expertmesh.procs import free_port
 
 from .load import BenchError
+
+__all__ = ["ProcessSampler", "Server", "free_port"]
 
 #: How long a server may take to become ready (a tiny engine needs ~25 s; the box is shared).
 READY_TIMEOUT_S = 300.0
@@ -45,13 +45,6 @@ READY_TIMEOUT_S = 300.0
 STOP_GRACE_S = 20.0
 POLL_S = 0.2
 MIB = 1024 * 1024
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A port that is free now: bind port 0 and read what the kernel gave."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass
@@ -64,7 +57,7 @@ class Server:
     env: dict[str, str] = field(default_factory=dict)
     proc: subprocess.Popen[bytes] | None = None
     started_at: float = 0.0
-    descendants: dict[int, psutil.Process] = field(default_factory=dict)
+    family: procs.Family | None = None
     _log: IO[bytes] | None = None
 
     @classmethod
@@ -87,7 +80,8 @@ class Server:
         popen.setdefault("stderr", subprocess.STDOUT if popen["stdout"] is self._log else self._log)
         # A child inherits this thread's cores, and a trial may have narrowed them (Context.measure).
         cpus.widen_this_thread()
-        self.proc = subprocess.Popen(self.argv, env={**os.environ, **self.env}, process_group=0, **popen)
+        self.proc = procs.spawn(self.argv, env={**os.environ, **self.env}, **popen)
+        self.family = procs.Family(self.proc.pid)
         self.started_at = time.monotonic()
 
     @property
@@ -97,10 +91,7 @@ class Server:
 
     async def wait(self, timeout: float) -> bool:
         """Wait up to ``timeout`` seconds for the process to exit; True when it has."""
-        deadline = time.monotonic() + timeout
-        while self.returncode is None and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
-        return self.returncode is not None
+        return self.proc is not None and await procs.wait_exit(self.proc, timeout)
 
     def tail(self, lines: int = 25) -> str:
         """The last lines of the log, to say why a server failed."""
@@ -113,10 +104,15 @@ class Server:
                 f"{self.name} exited with code {self.returncode}; log {self.log_path}:\n{self.tail()}"
             )
 
+    @property
+    def descendants(self) -> dict[int, psutil.Process]:
+        """Every descendant recorded so far, by pid."""
+        return self.family.descendants if self.family is not None else {}
+
     def record_descendants(self) -> None:
         """Remember the children so that one that left the process group is still stopped."""
-        with contextlib.suppress(psutil.Error):
-            self.descendants.update({p.pid: p for p in psutil.Process(self.pid).children(recursive=True)})
+        if self.family is not None:
+            self.family.record()
 
     async def wait_grpc_health(
         self,
@@ -127,23 +123,8 @@ class Server:
         """Wait until grpc.health.v1 ``Check`` (service "") answers SERVING; return seconds since start.
 
         ``credentials``: the server speaks TLS."""
-        deadline = time.monotonic() + timeout
-        channel = (
-            grpc.aio.secure_channel(address, credentials)
-            if credentials
-            else grpc.aio.insecure_channel(address)
-        )
-        async with channel:
-            stub = health_pb2_grpc.HealthStub(channel)
-            while time.monotonic() < deadline:
-                self.check_alive()
-                try:
-                    reply = await stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=1.0)
-                    if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                        return self._ready()
-                except grpc.aio.AioRpcError:
-                    pass
-                await asyncio.sleep(POLL_S)
+        if await procs.wait_serving(address, timeout, self.check_alive, credentials):
+            return self._ready()
         raise BenchError(f"{self.name} at {address} not SERVING after {timeout:.0f} s:\n{self.tail()}")
 
     async def wait_http_health(self, url: str, timeout: float = READY_TIMEOUT_S) -> float:
@@ -169,18 +150,7 @@ class Server:
         """SIGTERM the process group, wait up to ``grace``, then SIGKILL the group and its descendants."""
         if self.proc is None:
             return
-        self.record_descendants()
-        if self.returncode is None:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(self.proc.pid, signal.SIGTERM)
-            await self.wait(grace)
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        for child in self.descendants.values():
-            # psutil checks the start time, so a reused pid is never killed.
-            with contextlib.suppress(psutil.Error):
-                child.kill()
-        await self.wait(STOP_GRACE_S)
+        await procs.stop_async(self.proc, grace, self.family)
         for pipe in (self.proc.stdin, self.proc.stdout):
             if pipe is not None:
                 pipe.close()

@@ -22,18 +22,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import signal
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
-import psutil
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from expertmesh import procs
 from expertmesh.config import MeshConfig
 from expertmesh.logs import log_tail
 from expertmesh.services.expert.ipc_dir import remove_left_by
@@ -71,7 +70,7 @@ class Child:
     is_expert: bool = False
     #: An expert's load failure, as its Info reports it (state FAILED, last_error).
     failure: str = ""
-    descendants: dict[int, psutil.Process] = field(default_factory=dict)
+    family: procs.Family | None = None  # its process group and every descendant seen
 
     def tail(self, lines: int = 15) -> str:
         """The last lines of this child's log, to show why it failed."""
@@ -139,13 +138,13 @@ class Supervisor:
 
     async def _spawn(self, child: Child) -> None:
         with child.log_path.open("ab") as out:
-            child.proc = await asyncio.create_subprocess_exec(
-                *child.argv,
+            child.proc = await procs.spawn_async(
+                child.argv,
                 stdin=asyncio.subprocess.DEVNULL,  # a background group reading the terminal would stop
                 stdout=out,
                 stderr=asyncio.subprocess.STDOUT,
-                process_group=0,
             )
+        child.family = procs.Family(child.proc.pid)
         child.started_at = time.monotonic()
         child.health = "STARTING"
         child.ready_after_s = None
@@ -254,12 +253,8 @@ class Supervisor:
 
     def _record_descendants(self, child: Child) -> None:
         # Remembered so that a descendant that left the process group is still stopped.
-        if child.proc is None:
-            return
-        with contextlib.suppress(psutil.Error):
-            child.descendants.update(
-                {p.pid: p for p in psutil.Process(child.proc.pid).children(recursive=True)}
-            )
+        if child.family is not None:
+            child.family.record()
 
     async def _keep_alive(self, child: Child) -> None:
         """Restart a process that exits on its own, with exponential backoff, up to max_restarts."""
@@ -353,18 +348,13 @@ def _alive(child: Child) -> bool:
 
 
 def _signal_group(child: Child, sig: int) -> None:
-    if child.proc is not None and child.proc.returncode is None:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(child.proc.pid, sig)
+    if child.family is not None and _alive(child):
+        child.family.signal(sig)
 
 
 def _kill_group(child: Child) -> None:
     """SIGKILL the child's process group and every descendant recorded for it."""
+    if child.family is not None:
+        child.family.kill()
     if child.proc is not None:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(child.proc.pid, signal.SIGKILL)
         remove_left_by(child.proc.pid)  # an expert killed (OOM, kill -9) could not remove it
-    for proc in child.descendants.values():
-        # psutil checks the process's start time, so a reused pid is never killed.
-        with contextlib.suppress(psutil.Error):
-            proc.kill()

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import signal
 import subprocess
 import time
 from pathlib import Path
@@ -13,6 +12,7 @@ from pathlib import Path
 import grpc
 import psutil
 
+from expertmesh import procs
 from expertmesh.cpus import vllm_role
 from expertmesh.v1 import expertmesh_pb2 as pb
 from expertmesh.v1 import expertmesh_pb2_grpc as pb_grpc
@@ -29,49 +29,21 @@ def start_expert(config: Path, expert_id: str, log_dir: Path) -> subprocess.Pope
     """
     log_dir.mkdir(parents=True, exist_ok=True)
     with (log_dir / f"{expert_id}.log").open("ab") as out:
-        return subprocess.Popen(
-            [
-                str(VENV_BIN / "python"),
-                "-m",
-                "expertmesh.services.expert",
-                "--config",
-                str(config),
-                "--expert-id",
-                expert_id,
-            ],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            process_group=0,
-        )
+        argv = [str(VENV_BIN / "python"), "-m", "expertmesh.services.expert", "--config", str(config)]
+        return procs.spawn([*argv, "--expert-id", expert_id], stdout=out, stderr=subprocess.STDOUT)
 
 
 def start_gateway(config: Path, log: Path) -> subprocess.Popen[bytes]:
     """``python -m expertmesh.gateway`` in its own process group, logging to the file ``log``."""
     log.parent.mkdir(parents=True, exist_ok=True)
     with log.open("ab") as out:
-        return subprocess.Popen(
-            [str(VENV_BIN / "python"), "-m", "expertmesh.gateway", "--config", str(config)],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            process_group=0,
-        )
+        argv = [str(VENV_BIN / "python"), "-m", "expertmesh.gateway", "--config", str(config)]
+        return procs.spawn(argv, stdout=out, stderr=subprocess.STDOUT)
 
 
 def stop_group(proc: subprocess.Popen[bytes], timeout: float = 30) -> None:
     """SIGTERM the process group, then SIGKILL whatever is left after ``timeout``."""
-    family = []
-    with contextlib.suppress(psutil.Error):
-        family = psutil.Process(proc.pid).children(recursive=True)
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGTERM)
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        proc.wait(timeout)
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGKILL)
-    for p in family:
-        with contextlib.suppress(psutil.Error):
-            p.kill()
-    proc.wait(10)
+    procs.stop(proc, timeout)
 
 
 def tree_rss(pid: int) -> int:

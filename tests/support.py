@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -13,17 +12,11 @@ import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from expertmesh import demo_models
+from expertmesh.procs import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 VENV_BIN = REPO / ".venv" / "bin"
 GRPCURL = str(VENV_BIN / "grpcurl")
-
-
-def free_port() -> int:
-    """A TCP port nobody listens on right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def demo_expert(expert_id: str, domain: str, model: str = "demo-general", **extra: Any) -> dict[str, Any]:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import io
 import json
 import math
-import socket
 import struct
 from pathlib import Path
 from typing import Any
@@ -33,6 +32,7 @@ from expertmesh.preflight import (
 )
 from expertmesh.preflight.config_checks import load_for_check
 from expertmesh.preflight.device import GiB
+from expertmesh.procs import free_port
 
 from .preflight_fixtures import (
     GEMMA3_27B_IT,
@@ -761,12 +761,6 @@ def test_render_findings_shows_cause_and_fix() -> None:
 
 
 # --- probe: one real engine --------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.mark.engine

@@ -24,6 +24,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from expertmesh import procs
 from expertmesh.bench.pki import CA, Issued
 from expertmesh.client import MeshClient
 from expertmesh.config import MeshConfig, load_config
@@ -464,7 +465,7 @@ def test_up_runs_a_tls_mesh_and_sees_it_ready(secure: SecureMesh) -> None:
         auth={"tokens_file": str(secure.tokens_file), "tenants": {"coders": {}, "metered": {}}},
     )
     config = load_config(path)
-    proc = subprocess.Popen(
+    proc = procs.spawn(
         [
             str(VENV_BIN / "expertmesh"),
             "up",
@@ -475,7 +476,6 @@ def test_up_runs_a_tls_mesh_and_sees_it_ready(secure: SecureMesh) -> None:
         ],
         stderr=subprocess.PIPE,
         text=True,
-        process_group=0,
     )
     try:
         assert proc.stderr is not None

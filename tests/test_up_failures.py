@@ -19,6 +19,7 @@ from pathlib import Path
 import grpc
 import pytest
 
+from expertmesh import procs
 from expertmesh.client import MeshClient
 from expertmesh.config import MeshConfig, load_config
 from expertmesh.v1 import expertmesh_pb2 as pb
@@ -73,11 +74,10 @@ def _start(tmp: Path, *flags: str) -> Up:
     path = _mesh(tmp)
     output = tmp / "up.out"
     with output.open("wb") as out:  # a file, not a terminal: what a log or CI gets
-        proc = subprocess.Popen(
+        proc = procs.spawn(
             [EXPERTMESH, "up", "--config", str(path), "--log-dir", str(tmp / "logs"), *flags],
             stdout=out,
             stderr=subprocess.STDOUT,
-            process_group=0,
         )
     return Up(proc, load_config(path), output)
 
