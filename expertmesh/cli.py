@@ -344,11 +344,11 @@ def main(argv: list[str] | None = None) -> int:
 
             return main_check(args.config, as_json=args.json)
         if args.command == "probe":
-            from expertmesh.preflight.probe import main_probe
+            from expertmesh.probe import main_probe
 
             return main_probe(args.config, requests=args.requests)
         if args.command == "bench":
-            from expertmesh.bench import main_bench
+            from expertmesh.bench.command import main_bench
 
             only = set(args.only.split(",")) if args.only else None
             return main_bench(quick=args.quick, out=Path(args.out), trials=args.trials, only=only)

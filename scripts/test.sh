@@ -6,5 +6,5 @@ cd "$ROOT"
 scripts/ensure-venv.sh
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
-.venv/bin/mypy
+scripts/mypy.sh
 exec .venv/bin/python -m pytest "$@"
