@@ -34,7 +34,8 @@ async def _serve(settings: EngineSettings, proto: IO[str]) -> None:
     from vllm.v1.engine.async_llm import AsyncLLM
 
     from expertmesh import cpus
-    from expertmesh.services.expert.engine import descendants, engine_args
+    from expertmesh.services.expert.engine import engine_args
+    from expertmesh.services.expert.proctree import descendants
 
     def send(obj: dict[str, Any]) -> None:
         proto.write(json.dumps(obj) + "\n")

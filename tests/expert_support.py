@@ -46,16 +46,6 @@ def stop_group(proc: subprocess.Popen[bytes], timeout: float = 30) -> None:
     procs.stop(proc, timeout)
 
 
-def tree_rss(pid: int) -> int:
-    """Resident bytes of ``pid`` and all its descendants."""
-    root = psutil.Process(pid)
-    total = 0
-    for p in [root, *root.children(recursive=True)]:
-        with contextlib.suppress(psutil.Error):
-            total += p.memory_info().rss
-    return total
-
-
 async def info(address: str, timeout: float = 5) -> pb.InfoResponse:
     """The expert's Info."""
     async with grpc.aio.insecure_channel(address) as channel:

@@ -27,10 +27,11 @@ import pytest
 
 from expertmesh.config import MeshConfig, load_config
 from expertmesh.services.expert.ipc_dir import dirs_of as ipc_dirs
+from expertmesh.services.expert.proctree import tree_rss
 from expertmesh.v1 import expertmesh_pb2 as pb
 from expertmesh.v1 import expertmesh_pb2_grpc as pb_grpc
 
-from .expert_support import assert_off_worker_cores, info, start_expert, stop_group, tree_rss, wait_state
+from .expert_support import assert_off_worker_cores, info, start_expert, stop_group, wait_state
 from .support import demo_expert, health_status, wait_serving, write_config
 
 pytestmark = pytest.mark.engine

@@ -208,7 +208,7 @@ def test_template_errors_are_invalid_argument() -> None:
 def test_demo_model_template_renders(demo_models: list[Path]) -> None:
     """The real tokenizer of a demo model, loaded as the expert loads it."""
     from expertmesh.config import ExpertConfig
-    from expertmesh.services.expert.engine import load_tokenizer
+    from expertmesh.services.expert.tokenizer import load_tokenizer
 
     cfg = ExpertConfig(expert_id="t", domain="general", model_path=str(demo_models[0]))
     tok = load_tokenizer(cfg)

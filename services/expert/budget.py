@@ -20,8 +20,9 @@ from expertmesh.errors import ResourceExhausted
 from expertmesh.v1 import expertmesh_pb2 as pb
 from expertmesh.v1 import expertmesh_pb2_grpc as pb_grpc
 
-from .engine import GIB, estimate_load_bytes, tree_rss
 from .lifecycle import Lifecycle
+from .memory import GIB, estimate_load_bytes
+from .proctree import tree_rss
 
 log = logging.getLogger(__name__)
 INFO_TIMEOUT_S = 2.0

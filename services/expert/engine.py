@@ -1,4 +1,4 @@
-"""Build and release one vLLM AsyncLLM engine; its tokenizer; the memory it occupies.
+"""Build and release one vLLM AsyncLLM engine.
 
 Blocking calls here (building, shutting down) are run off the event loop by the lifecycle, so
 that health, Info and the other RPCs keep answering while an engine loads or unloads.
@@ -6,29 +6,25 @@ that health, Info and the other RPCs keep answering while an engine loads or unl
 
 from __future__ import annotations
 
-import contextlib
 import multiprocessing
 import os
 import time
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import psutil
 
 from expertmesh import cpus
 from expertmesh.config import ExpertConfig
 
-#: Memory vLLM's engine and worker processes take beyond weights and KV cache (torch, the
-#: runtime, buffers); measured ~1.9 GiB on CPU for a tiny model. Only used until a load is measured.
-RUNTIME_OVERHEAD_GIB = 2.0
-#: KV cache size vLLM's CPU backend reserves when VLLM_CPU_KVCACHE_SPACE is not set.
-DEFAULT_CPU_KV_CACHE_GIB = 4
-GIB = 1024**3
+if TYPE_CHECKING:  # vLLM is imported when an engine is built, not when the expert starts
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.v1.engine.async_llm import AsyncLLM
+
 #: How long an unload waits for the engine's processes to be gone after vLLM's shutdown.
 ENGINE_EXIT_TIMEOUT_S = 15.0
 
 
-def engine_args(cfg: ExpertConfig) -> Any:
+def engine_args(cfg: ExpertConfig) -> AsyncEngineArgs:
     """vLLM AsyncEngineArgs for an expert; ``engine_args`` from the config passes through."""
     from vllm.engine.arg_utils import AsyncEngineArgs
 
@@ -61,7 +57,7 @@ class PreflightError(RuntimeError):
     """``expertmesh check`` found errors in this expert's config or model files: no engine is started."""
 
 
-def build_engine(cfg: ExpertConfig) -> Any:
+def build_engine(cfg: ExpertConfig) -> AsyncLLM:
     """A new AsyncLLM for ``cfg`` (blocking: tens of seconds to minutes), after the preflight."""
     from vllm.v1.engine.async_llm import AsyncLLM
 
@@ -81,22 +77,7 @@ def build_engine(cfg: ExpertConfig) -> Any:
     return AsyncLLM.from_engine_args(engine_args(cfg))
 
 
-def descendants() -> list[psutil.Process]:
-    """This process's descendants now (to tell which of them an engine started).
-
-    multiprocessing's resource tracker, started with the first engine and kept for the life
-    of the process, is left out: it is not the engine's and never exits on its own.
-    """
-    found = []
-    with contextlib.suppress(psutil.Error):
-        for proc in psutil.Process().children(recursive=True):
-            with contextlib.suppress(psutil.Error):
-                if "resource_tracker" not in " ".join(proc.cmdline()):
-                    found.append(proc)
-    return found
-
-
-def shutdown_engine(engine: Any, procs: list[psutil.Process]) -> None:
+def shutdown_engine(engine: AsyncLLM, procs: list[psutil.Process]) -> None:
     """Shut the engine down and wait until its processes ``procs`` are gone and their memory free.
 
     vLLM's shutdown returns once it has signalled (or killed) its processes; a killed worker
@@ -116,37 +97,3 @@ def _gone(proc: psutil.Process) -> bool:
         return proc.status() == psutil.STATUS_ZOMBIE
     except psutil.Error:
         return True
-
-
-def load_tokenizer(cfg: ExpertConfig) -> Any:
-    """The tokenizer the engine uses, loaded on its own so that a cold expert can tokenize."""
-    from vllm.tokenizers import get_tokenizer
-
-    kwargs = {k: cfg.engine_args[k] for k in ("tokenizer_mode", "revision") if k in cfg.engine_args}
-    return get_tokenizer(cfg.tokenizer or cfg.model_path, trust_remote_code=cfg.trust_remote_code, **kwargs)
-
-
-def tree_rss(pid: int | None = None) -> int:
-    """Resident bytes of a process and all its descendants (vLLM's engine core and workers)."""
-    try:
-        root = psutil.Process(pid)
-        procs = [root, *root.children(recursive=True)]
-    except psutil.Error:
-        return 0
-    total = 0
-    for proc in procs:
-        with contextlib.suppress(psutil.Error):  # exited while we looked
-            total += proc.memory_info().rss
-    return total
-
-
-def estimate_load_bytes(cfg: ExpertConfig) -> int:
-    """What loading adds to resident memory, before any load was measured: weights + KV + runtime."""
-    if cfg.memory_gib is not None:
-        return int(cfg.memory_gib * GIB)
-    path = Path(cfg.model_path)
-    weights = 0
-    if path.is_dir():
-        weights = sum(f.stat().st_size for f in path.iterdir() if f.suffix in (".safetensors", ".bin", ".pt"))
-    kv = cfg.kv_cache_space_gib if cfg.kv_cache_space_gib is not None else DEFAULT_CPU_KV_CACHE_GIB
-    return int(weights + (kv + RUNTIME_OVERHEAD_GIB) * GIB)

@@ -20,7 +20,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import psutil
 
@@ -31,9 +31,13 @@ from expertmesh.loop import freeze_heap, thaw_heap
 from expertmesh.telemetry import traced_load
 from expertmesh.v1 import expertmesh_pb2 as pb
 
-from .engine import build_engine, descendants, shutdown_engine, tree_rss
+from .engine import build_engine, shutdown_engine
 from .ipc_dir import IpcDir
 from .output_tail import OutputTail, root_cause
+from .proctree import descendants, tree_rss
+
+if TYPE_CHECKING:  # vLLM is imported with the first load
+    from vllm.v1.engine.async_llm import AsyncLLM
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +79,7 @@ class Lifecycle:
     ) -> None:
         self.cfg = cfg
         self.state: int = COLD
-        self.engine: Any = None
+        self.engine: AsyncLLM | None = None
         self.load_count = 0
         self.load_seconds = 0.0
         self.last_error = ""
@@ -294,10 +298,11 @@ class Lifecycle:
         self._task = asyncio.create_task(self._unload(engine, reason))
         return self._task
 
-    async def _unload(self, engine: Any, reason: str) -> None:
+    async def _unload(self, engine: AsyncLLM | None, reason: str) -> None:
         started = time.monotonic()
         try:
-            await asyncio.to_thread(shutdown_engine, engine, self._engine_procs)
+            if engine is not None:  # READY has one
+                await asyncio.to_thread(shutdown_engine, engine, self._engine_procs)
             if self._ipc is not None:  # the engine's processes are gone: so are their sockets' users
                 self._ipc.clear()
             thaw_heap()  # the old engine's cycles can be collected now; the next load freezes anew

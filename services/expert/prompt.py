@@ -15,8 +15,8 @@ from expertmesh.config import ExpertConfig
 from expertmesh.errors import ExpertLimit, InvalidRequest, Unavailable, Unimplemented
 from expertmesh.v1 import expertmesh_pb2 as pb
 
-from .engine import load_tokenizer
 from .resume import continuation, unsent_text
+from .tokenizer import load_tokenizer
 
 #: Longer texts are tokenized in a thread so that one huge prompt does not stall other streams.
 INLINE_TOKENIZE_CHARS = 4096

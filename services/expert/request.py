@@ -9,13 +9,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from expertmesh.contract import DEFAULT_MAX_TOKENS
 from expertmesh.errors import ExpertLimit
 from expertmesh.v1 import expertmesh_pb2 as pb
-
-#: max_tokens when neither the request nor the model's generation_config sets it: room for an
-#: ordinary answer (a few paragraphs, a function: 100-400 tokens) with a bound, so that a
-#: forgotten limit cannot keep a stream (and its buffered tokens) busy up to max_model_len.
-DEFAULT_MAX_TOKENS = 512
 
 
 def fit_max_tokens(

@@ -18,8 +18,8 @@ from expertmesh.v1 import expertmesh_pb2 as pb
 from expertmesh.v1 import expertmesh_pb2_grpc as pb_grpc
 from expertmesh.validation import check_request
 
-from .engine import tree_rss
 from .lifecycle import FAILED, READY, Lifecycle
+from .proctree import tree_rss
 from .prompt import Prompts
 from .request import engine_prompt, fit_max_tokens, sampling_params
 from .sampling_defaults import SamplingDefaults, default_max_tokens, with_defaults
