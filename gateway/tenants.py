@@ -19,8 +19,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from expertmesh.config import AuthConfig, TenantConfig
+from expertmesh.contract import DEFAULT_MAX_TOKENS
 from expertmesh.errors import InvalidRequest, PermissionDenied, RateLimited
-from expertmesh.services.expert.request import DEFAULT_MAX_TOKENS
 from expertmesh.telemetry import current_request
 from expertmesh.telemetry.metrics import TENANT_ADMISSIONS, TENANT_STREAMS, TENANT_TOKENS
 from expertmesh.v1 import expertmesh_pb2 as pb

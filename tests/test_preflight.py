@@ -768,7 +768,7 @@ def test_probe_times_a_real_expert(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from expertmesh.demo_models import DEFAULT_MODELS_DIR, ensure_demo_models
-    from expertmesh.preflight.probe import main_probe
+    from expertmesh.probe import main_probe
 
     ensure_demo_models(DEFAULT_MODELS_DIR, log=False)
     monkeypatch.setenv("COLUMNS", "200")
