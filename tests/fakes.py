@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from typing import Any
 
 import grpc
 
 from expertmesh.contract import ENGINE_SERVICE, EXPERT_SERVICE
 from expertmesh.muxserve import Multiplexed
 from expertmesh.rpc import Health, bind
+from expertmesh.telemetry import expert_generate
 from expertmesh.v1 import expertmesh_pb2 as pb
 from expertmesh.v1 import expertmesh_pb2_grpc as pb_grpc
 
@@ -74,12 +76,7 @@ class FakeServer:
         self.health: Health | None = None
 
     async def start(self) -> None:
-        self.server = grpc.aio.server()
-        pb_grpc.add_ExpertServicer_to_server(self.expert, self.server)
-        self.health = Health(self.server, [EXPERT_SERVICE, ENGINE_SERVICE])
-        await self.health.set(True)
-        bind(self.server, "127.0.0.1", self.port)
-        await self.server.start()
+        self.server, _, self.health = await serve_fake(self.expert, self.port)
 
     async def stop(self) -> None:
         assert self.server is not None
@@ -88,3 +85,39 @@ class FakeServer:
     @property
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
+
+
+class TracedFakeExpert(Multiplexed, pb_grpc.ExpertServicer):
+    """Streams three tokens (or fails first with ``fail``), traced like the real expert."""
+
+    def __init__(self, expert_id: str, fail: grpc.StatusCode | None = None) -> None:
+        self.expert_id = expert_id
+        self.fail = fail
+        self.metadata: list[dict[str, Any]] = []
+
+    @expert_generate
+    async def Generate(
+        self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.GenerateResponse]:
+        self.metadata.append(dict(context.invocation_metadata() or ()))
+        if self.fail is not None:
+            await context.abort(self.fail, f"{self.expert_id} cannot take it")
+        for i in range(3):
+            yield pb.GenerateResponse(text=f"t{i}", token_ids=[i], expert_id=self.expert_id)
+        yield pb.GenerateResponse(
+            expert_id=self.expert_id,
+            finish_reason="length",
+            usage=pb.Usage(prompt_tokens=2, completion_tokens=3),
+        )
+
+
+async def serve_fake(expert: pb_grpc.ExpertServicer, port: int = 0) -> tuple[grpc.aio.Server, int, Health]:
+    """Serve ``expert`` on 127.0.0.1 (``port`` 0: any free one), SERVING with its engine loaded,
+    as a real expert's health reports it; returns the server, its port and its health."""
+    server = grpc.aio.server()
+    pb_grpc.add_ExpertServicer_to_server(expert, server)
+    health = Health(server, [EXPERT_SERVICE, ENGINE_SERVICE])
+    await health.set(True)
+    bound = bind(server, "127.0.0.1", port)
+    await server.start()
+    return server, bound, health

@@ -34,7 +34,6 @@ from expertmesh.gateway.router import Route
 from expertmesh.gateway.server import serve
 from expertmesh.gateway.tenants import Tenants
 from expertmesh.guard import guard
-from expertmesh.rpc import Health, bind
 from expertmesh.services.expert.request import DEFAULT_MAX_TOKENS
 from expertmesh.telemetry import tracing
 from expertmesh.telemetry.metrics import REGISTRY
@@ -46,10 +45,10 @@ from expertmesh.tls import (
     load_pair,
 )
 from expertmesh.v1 import expertmesh_pb2 as pb
-from expertmesh.v1 import expertmesh_pb2_grpc as pb_grpc
 
+from .fakes import TracedFakeExpert as FakeExpert
+from .fakes import serve_fake
 from .support import free_port, wait_serving
-from .test_telemetry import FakeExpert
 
 TOKEN_A = "a" * 24
 TOKEN_B = "b-" + "x" * 30
@@ -458,12 +457,7 @@ async def test_the_tenant_labels_spans_and_metrics_and_reflection_can_be_off(
     tmp_path: Path, spans: InMemorySpanExporter
 ) -> None:
     expert = FakeExpert("general")
-    server = grpc.aio.server()
-    pb_grpc.add_ExpertServicer_to_server(expert, server)
-    health = Health(server, ["expertmesh.v1.Expert", "expertmesh.v1.Expert/engine"])
-    await health.set(True)
-    expert_port = bind(server, "127.0.0.1", 0)
-    await server.start()
+    server, expert_port, _ = await serve_fake(expert)
     tokens = tmp_path / "tokens"
     tokens.write_text(f"{TOKEN_A} team_a\n")
     path = tmp_path / "mesh.yaml"

@@ -15,7 +15,6 @@ import logging
 import urllib.request
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from typing import Any
 
 import grpc
 import pytest
@@ -33,14 +32,13 @@ from expertmesh.client import MeshClient
 from expertmesh.config import load_config
 from expertmesh.gateway.server import serve
 from expertmesh.logs import RequestContextFilter, make_formatter, request_context, setup_logging
-from expertmesh.muxserve import Multiplexed
-from expertmesh.rpc import Health, bind
 from expertmesh.telemetry import metrics, tracing
 from expertmesh.telemetry.load import traced_load
-from expertmesh.telemetry.requests import expert_generate
 from expertmesh.v1 import expertmesh_pb2 as pb
 from expertmesh.v1 import expertmesh_pb2_grpc as pb_grpc
 
+from .fakes import TracedFakeExpert as FakeExpert
+from .fakes import serve_fake
 from .support import free_port, wait_serving
 
 CALLER_TRACE = "0af7651916cd43dd8448eb211c80319c"
@@ -300,41 +298,12 @@ async def test_expert_load_span_and_metric(spans: InMemorySpanExporter) -> None:
     )
 
 
-class FakeExpert(Multiplexed, pb_grpc.ExpertServicer):
-    """Streams three tokens (or fails first with ``fail``), traced like the real expert."""
-
-    def __init__(self, expert_id: str, fail: grpc.StatusCode | None = None) -> None:
-        self.expert_id = expert_id
-        self.fail = fail
-        self.metadata: list[dict[str, Any]] = []
-
-    @expert_generate
-    async def Generate(
-        self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[pb.GenerateResponse]:
-        self.metadata.append(dict(context.invocation_metadata() or ()))
-        if self.fail is not None:
-            await context.abort(self.fail, f"{self.expert_id} cannot take it")
-        for i in range(3):
-            yield pb.GenerateResponse(text=f"t{i}", token_ids=[i], expert_id=self.expert_id)
-        yield pb.GenerateResponse(
-            expert_id=self.expert_id,
-            finish_reason="length",
-            usage=pb.Usage(prompt_tokens=2, completion_tokens=3),
-        )
-
-
 @contextlib.asynccontextmanager
 async def mesh_of_fakes(tmp_path: Path, experts: list[FakeExpert]) -> AsyncIterator[str]:
     """The real gateway, in-process, over fake experts; code falls back to general."""
     servers, entries = [], []
     for expert in experts:
-        server = grpc.aio.server()
-        pb_grpc.add_ExpertServicer_to_server(expert, server)
-        health = Health(server, ["expertmesh.v1.Expert", "expertmesh.v1.Expert/engine"])
-        await health.set(True)
-        port = bind(server, "127.0.0.1", 0)
-        await server.start()
+        server, port, _ = await serve_fake(expert)
         servers.append(server)
         entries.append(
             {
