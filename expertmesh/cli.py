@@ -196,15 +196,14 @@ async def _health(args: argparse.Namespace) -> int:
     """One grpc.health.v1 Check over TLS: the probe for pods whose ports speak only TLS."""
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+    from expertmesh.rpc import open_channel
     from expertmesh.tls import client_credentials
 
     if args.cacert or args.cert or args.tls:
         options = [("grpc.ssl_target_name_override", args.server_name)] if args.server_name else []
-        channel = grpc.aio.secure_channel(
-            args.address, client_credentials(args.cacert, args.cert, args.key), options
-        )
+        channel = open_channel(args.address, client_credentials(args.cacert, args.cert, args.key), options)
     else:
-        channel = grpc.aio.insecure_channel(args.address)
+        channel = open_channel(args.address)
     async with channel:
         reply = await health_pb2_grpc.HealthStub(channel).Check(
             health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout

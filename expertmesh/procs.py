@@ -24,6 +24,8 @@ import grpc
 import psutil
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from .rpc import open_channel
+
 #: Between two health checks while waiting for a child to serve.
 POLL_S = 0.2
 
@@ -111,10 +113,7 @@ async def wait_serving(
     after ``timeout``. ``alive`` raises when the child has exited (no waiting for a dead one);
     ``credentials``: the server speaks TLS."""
     deadline = time.monotonic() + timeout
-    channel = (
-        grpc.aio.secure_channel(address, credentials) if credentials else grpc.aio.insecure_channel(address)
-    )
-    async with channel:
+    async with open_channel(address, credentials) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while time.monotonic() < deadline:
             alive()

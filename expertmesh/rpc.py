@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
+from collections.abc import Sequence
 from typing import Any
 
 import grpc
@@ -31,6 +32,9 @@ CHANNEL_OPTIONS = [
     ("grpc.http2.max_pings_without_data", 0),
 ]
 
+#: ``limits.max_message_bytes``'s default, for a channel opened without a config at hand.
+DEFAULT_MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+
 #: Ends the health Watch streams this long after shutdown set them NOT_SERVING: enough for that
 #: last status to go out, so a server's stop never waits its whole grace period for watchers.
 WATCH_FLUSH_S = 0.1
@@ -51,6 +55,21 @@ def server_options(max_message_bytes: int) -> list[tuple[str, Any]]:
 def channel_options(max_message_bytes: int, keepalive: bool = True) -> list[tuple[str, Any]]:
     """A channel's options: message sizes set explicitly; the gateway's keepalive pings if asked."""
     return [*(CHANNEL_OPTIONS if keepalive else []), *_size_options(max_message_bytes)]
+
+
+def open_channel(
+    address: str,
+    credentials: grpc.ChannelCredentials | None = None,
+    options: Sequence[tuple[str, Any]] = (),
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+    keepalive: bool = False,
+) -> grpc.aio.Channel:
+    """Every expertmesh channel: the shared options (:func:`channel_options`) and ``options``,
+    over TLS when ``credentials`` are given."""
+    every = [*channel_options(max_message_bytes, keepalive), *options]
+    if credentials is None:
+        return grpc.aio.insecure_channel(address, options=every)
+    return grpc.aio.secure_channel(address, credentials, every)
 
 
 SERVING = health_pb2.HealthCheckResponse.SERVING

@@ -25,6 +25,7 @@ from cryptography.hazmat.primitives import serialization
 
 from expertmesh.config import CertPair, ExpertConfig, MeshConfig
 from expertmesh.guard import guard
+from expertmesh.rpc import open_channel
 
 log = logging.getLogger(__name__)
 #: How often, at most, the certificate files' modification times are looked at.
@@ -172,10 +173,7 @@ def probe_channel(
         pair = config.gateway_cert() if tls.client_ca_file else None
         key, chain = load_pair(pair) if pair else (None, None)
         credentials, options = grpc.ssl_channel_credentials(load_ca(ca), key, chain), []
-    options = [*options, *(extra or [])]
-    if credentials is None:
-        return grpc.aio.insecure_channel(address, options=options)
-    return grpc.aio.secure_channel(address, credentials, options)
+    return open_channel(address, credentials, [*options, *(extra or [])])
 
 
 def link_files(config: MeshConfig) -> tuple[float, ...]:

@@ -12,7 +12,7 @@ import grpc
 from expertmesh.config import LimitsConfig
 from expertmesh.contract import ENGINE_SERVICE, EXPERT_SERVICE
 from expertmesh.mux import Multiplexer
-from expertmesh.rpc import channel_options
+from expertmesh.rpc import open_channel
 from expertmesh.v1 import expertmesh_pb2_grpc as pb_grpc
 
 from .ejection import Ejection
@@ -36,12 +36,9 @@ class ExpertLink(Replica):
         #: the DNS name this address was found under (its certificate's name), if it was
         self.server_name: str | None = None
         limits = limits or LimitsConfig()
-        shared = channel_options(limits.max_message_bytes)
         # With internal_tls: the mesh CA, the gateway's client certificate (expertmesh.tls.link_security).
-        if credentials is None:
-            self.channel = grpc.aio.insecure_channel(address, options=shared)
-        else:
-            self.channel = grpc.aio.secure_channel(address, credentials, [*shared, *(options or [])])
+        extra = options or [] if credentials is not None else []
+        self.channel = open_channel(address, credentials, extra, limits.max_message_bytes, keepalive=True)
         self.stub = pb_grpc.ExpertStub(self.channel)  # built once: a stub makes one callable per RPC
         self.mux = Multiplexer(self.stub, limits)  # every Generate to this replica, over one call
         self._tasks: list[asyncio.Task[None]] = []

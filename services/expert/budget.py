@@ -17,6 +17,7 @@ import grpc
 
 from expertmesh.config import MeshConfig
 from expertmesh.errors import ResourceExhausted
+from expertmesh.rpc import open_channel
 from expertmesh.v1 import expertmesh_pb2 as pb
 from expertmesh.v1 import expertmesh_pb2_grpc as pb_grpc
 
@@ -51,14 +52,14 @@ class MemoryBudget:
         return cls(mesh.memory_budget_gib, expert_id, peers)
 
     async def _info(self, address: str) -> pb.InfoResponse | None:
-        async with grpc.aio.insecure_channel(address) as channel:
+        async with open_channel(address) as channel:
             try:
                 return await pb_grpc.ExpertStub(channel).Info(pb.InfoRequest(), timeout=INFO_TIMEOUT_S)
             except grpc.aio.AioRpcError:
                 return None  # not running: it holds no memory we could free
 
     async def _unload(self, address: str, reason: str) -> pb.InfoResponse:
-        async with grpc.aio.insecure_channel(address) as channel:
+        async with open_channel(address) as channel:
             stub = pb_grpc.ExpertStub(channel)
             return await stub.Unload(pb.UnloadRequest(reason=reason), timeout=UNLOAD_TIMEOUT_S)
 
