@@ -15,8 +15,16 @@ import grpc
 
 from .load import BenchError
 from .scenarios import Context, Group, MeshGroup, Results, SecureGroup, Turn, VllmGrpcGroup, VllmOpenAIGroup
+from .topology import AloneGroup, UpGroup
 
-GROUPS: tuple[type[Group], ...] = (MeshGroup, SecureGroup, VllmGrpcGroup, VllmOpenAIGroup)
+GROUPS: tuple[type[Group], ...] = (
+    MeshGroup,
+    SecureGroup,
+    UpGroup,
+    AloneGroup,
+    VllmGrpcGroup,
+    VllmOpenAIGroup,
+)
 
 
 async def run_groups(ctx: Context, together: bool, groups: tuple[type[Group], ...] = GROUPS) -> Results:
