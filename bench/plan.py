@@ -37,6 +37,8 @@ EXTRA_SCENARIOS = (
     "up_gateway_placed",
     "alone_expert",
     "alone_gateway",
+    "affinity_prefix",
+    "affinity_none",
 )
 #: Every scenario, in the order they are reported.
 ALL_SCENARIOS = SCENARIOS + EXTRA_SCENARIOS

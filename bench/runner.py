@@ -14,6 +14,7 @@ import contextlib
 import grpc
 
 from .load import BenchError
+from .prefix import PrefixGroup
 from .scenarios import Context, Group, MeshGroup, Results, SecureGroup, Turn, VllmGrpcGroup, VllmOpenAIGroup
 from .topology import AloneGroup, UpGroup
 
@@ -22,6 +23,7 @@ GROUPS: tuple[type[Group], ...] = (
     SecureGroup,
     UpGroup,
     AloneGroup,
+    PrefixGroup,
     VllmGrpcGroup,
     VllmOpenAIGroup,
 )

@@ -1,7 +1,8 @@
 """Forward one request along its route, failing over before the first token.
 
 Candidates are tried in route order; within an expert, its available replicas by least
-outstanding requests. What an attempt's failure means is decided here, once:
+outstanding requests, the one holding the request's prefix first (``routing.affinity``,
+:mod:`.affinity`). What an attempt's failure means is decided here, once:
 
 - the replica's own failure (it is unreachable or died, UNAVAILABLE, INTERNAL, UNKNOWN, no
   first message within ``routing.first_token_timeout_s``): counted toward its ejection, and
@@ -39,7 +40,7 @@ from expertmesh.errors import (
 from expertmesh.telemetry import Attempt, attempt_span, record_ejection
 from expertmesh.v1 import expertmesh_pb2 as pb
 
-from . import resume
+from . import affinity, resume
 from .call import CallContext
 from .ejection import may_eject
 from .health import ExpertLink
@@ -160,7 +161,11 @@ class Forwarder:
         # A dead replica refuses at once; the attempts say what happened.
         panic = not any(link.available() for e in experts for link in self.pool.replicas.get(e.expert_id, []))
         for index, expert in enumerate(experts):
-            links = ordered_replicas(self.pool.replicas.get(expert.expert_id, []), panic)
+            replicas = self.pool.replicas.get(expert.expert_id, [])
+            metadata = self.context.invocation_metadata()
+            links = affinity.order(
+                ordered_replicas(replicas, panic), replicas, self.request, metadata, self.routing
+            )
             if not links:
                 self._attempt(expert, "skipped: no replica SERVING" + _ejected(self.pool, expert))
                 continue

@@ -15,6 +15,7 @@ from expertmesh.v1 import expertmesh_pb2 as pb
 from expertmesh.v1 import expertmesh_pb2_grpc as pb_grpc
 from expertmesh.validation import check_request
 
+from . import affinity
 from .admission import Admission
 from .auth import current_tenant
 from .call import CallContext
@@ -80,7 +81,11 @@ class GatewayServicer(pb_grpc.GatewayServicer):
         route = self.tenants.permit(current_tenant.get(), request, await self.router.route(request))
         decision = route.decision()
         for expert in route.experts:
-            links = ordered_replicas(self.pool.replicas.get(expert.expert_id, []))
+            replicas = self.pool.replicas.get(expert.expert_id, [])
+            metadata = context.invocation_metadata()
+            links = affinity.order(
+                ordered_replicas(replicas), replicas, request, metadata, self.router.config.routing
+            )
             if links:
                 decision.expert_id, decision.address = expert.expert_id, links[0].address
                 break

@@ -328,3 +328,15 @@ def test_extra_scenarios_run_only_when_named(tmp_path: Path) -> None:
         EngineSettings(model="m"), plan, tmp_path, say=lambda line: None, only=frozenset({"alone_expert"})
     )
     assert named.wants("alone_expert") and not named.wants("up_expert")
+
+
+def test_affinity_prompts_share_a_long_system_prompt_per_trial(demo_models: list[Path]) -> None:
+    from tokenizers import Tokenizer
+
+    from expertmesh.bench.prefix import prompts, system_prompt
+
+    one, two = prompts(1), prompts(2)
+    assert len(set(one)) == len(one) and all(p.startswith(system_prompt(1)) for p in one)
+    assert not any(p.startswith(system_prompt(1)) for p in two)  # each trial starts cold
+    tokens = len(Tokenizer.from_file(str(demo_models[0] / "tokenizer.json")).encode(system_prompt(1)).ids)
+    assert 1400 <= tokens <= 1700
