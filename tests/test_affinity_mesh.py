@@ -35,6 +35,7 @@ def mesh(tmp_path_factory: pytest.TempPathFactory, demo_models: list[Path]) -> I
     data = {
         "gateway": {"host": "127.0.0.1", "port": free_port()},
         "grace_period_s": 10,
+        "session_nice": None,  # the test runs in up's session (see tests/support.py)
         "max_restarts": 5,
         "routing": {"affinity": "prefix", "affinity_prefix_chars": 512},
         "experts": [demo_expert("general_tiny", "general", port=port, local_replicas=2)],
