@@ -16,18 +16,25 @@ def _say(line: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] bench: {line}", file=sys.stderr, flush=True)
 
 
-def main_bench(quick: bool, out: Path, trials: int | None = None, only: set[str] | None = None) -> int:
+def main_bench(
+    quick: bool,
+    out: Path,
+    trials: int | None = None,
+    only: set[str] | None = None,
+    config: Path | None = None,
+) -> int:
     """Run every scenario, write ``out/results.json`` and ``out/results.png``, print the tables.
 
     ``trials`` overrides the plan's trials per level (the best is reported). ``only``: just the
     scenarios, measured in turns (e.g. ``{"gateway", "gateway_tls"}``: two engines, not five).
+    ``config``: the mesh the shipped-topology scenarios start under ``up`` (default configs/demo.yaml).
     Returns 0 when every scenario was measured, 1 when any failed (its error is printed and
     stored under ``errors`` in the JSON). Speed targets are reported, never turned into failures.
     """
     from expertmesh.loop import run
     from expertmesh.services.expert.ipc_dir import IpcDir
 
-    from .plan import SCENARIOS, EngineSettings, LoadPlan, default_model
+    from .plan import ALL_SCENARIOS, EngineSettings, LoadPlan, default_model
     from .report import markdown, plot, print_tables, write_json
     from .runner import GROUPS, run_groups
     from .scenarios import Context
@@ -46,15 +53,15 @@ def main_bench(quick: bool, out: Path, trials: int | None = None, only: set[str]
     try:
         # A full run measures every scenario in turns; a quick one group after the other, the next
         # engine starting while one is measured: half the wall time, noisier numbers.
-        ctx = Context(settings, plan, out, _say, only=frozenset(only) if only else None)
+        ctx = Context(settings, plan, out, _say, only=frozenset(only) if only else None, config=config)
+        groups = tuple(g for g in GROUPS if any(ctx.wants(n) for n in g.names))
         if only:
-            groups = tuple(g for g in GROUPS if only & set(g.names))
-            if not groups:
-                _say(f"--only {','.join(sorted(only))}: no such scenario (scenarios: {', '.join(SCENARIOS)})")
+            unknown = only - set(ALL_SCENARIOS)
+            if unknown or not groups:
+                known = ", ".join(ALL_SCENARIOS)
+                _say(f"--only {','.join(sorted(only))}: no such scenario (scenarios: {known})")
                 return 2
-            results = run(run_groups(ctx, together=True, groups=groups))
-        else:
-            results = run(run_groups(ctx, together=not quick))
+        results = run(run_groups(ctx, together=bool(only) or not quick, groups=groups))
     finally:
         ipc.remove()
     elapsed = time.monotonic() - started

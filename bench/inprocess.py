@@ -1,21 +1,15 @@
 """Scenario "inprocess": ``AsyncLLM.generate`` with no serving layer, the limit for any server.
 
 It runs in its own process (``python -m expertmesh.bench.inprocess``) so that the benchmark
-process stays clean and the engine is surely gone afterwards. The parent drives it over a
-line protocol: the child says ``{"ready": ...}`` on stdout once the engine is up, then answers
-each ``{"op": "run", ...}`` line on stdin with one JSON result line, and stops on
-``{"op": "quit"}``. Everything else the child or its engine processes print goes to stderr
-(the log file), so that the protocol channel carries only protocol.
+process stays clean and the engine is surely gone afterwards. The parent drives it over
+the line protocol of :mod:`bench.child`: ``{"op": "run", ...}`` runs one load.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
-import contextlib
 import json
 import os
-import subprocess
 import sys
 import time
 import uuid
@@ -25,9 +19,10 @@ from typing import IO, Any
 
 from expertmesh import loop
 
+from .child import LineChild, protocol_channel, sender, serve_commands
 from .load import BenchError, LoadResult, Recorder, run_load
 from .plan import EngineSettings
-from .procs import READY_TIMEOUT_S, Server
+from .procs import Server
 
 
 async def _serve(settings: EngineSettings, proto: IO[str]) -> None:
@@ -37,10 +32,7 @@ async def _serve(settings: EngineSettings, proto: IO[str]) -> None:
     from expertmesh.services.expert.engine import engine_args
     from expertmesh.services.expert.proctree import descendants
 
-    def send(obj: dict[str, Any]) -> None:
-        proto.write(json.dumps(obj) + "\n")
-        proto.flush()
-
+    send = sender(proto)
     started = time.monotonic()
     # The very engine arguments an expert builds from the same settings.
     config = settings.expert_config()
@@ -49,14 +41,7 @@ async def _serve(settings: EngineSettings, proto: IO[str]) -> None:
         cpus.place(descendants())
     try:
         send({"ready": True, "startup_s": time.monotonic() - started})
-        while True:
-            line = await asyncio.to_thread(sys.stdin.readline)
-            if not line:
-                return
-            cmd = json.loads(line)
-            if cmd["op"] == "quit":
-                return
-            send(await _run_command(engine, cmd))
+        await serve_commands(send, lambda cmd: _run_command(engine, cmd))
     finally:
         engine.shutdown()
 
@@ -101,54 +86,23 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     settings = EngineSettings(**json.loads(args.settings))
     os.environ.update(settings.env())
-    # Keep fd 1 for the protocol; send every other write to fd 1 (ours, vLLM's, its children's) to stderr.
-    proto = os.fdopen(os.dup(1), "w")
-    os.dup2(2, 1)
-    sys.stdout = sys.stderr
-    loop.run(_serve(settings, proto))
+    loop.run(_serve(settings, protocol_channel()))
     return 0
 
 
-class InProcessRunner:
-    """Parent side: the child process, driven over its line protocol."""
+class InProcessRunner(LineChild):
+    """Parent side: the engine's child process, driven over its line protocol."""
 
     def __init__(self, settings: EngineSettings, log_dir: Path) -> None:
-        self.server = Server.python_module(
-            "inprocess",
-            "expertmesh.bench.inprocess",
-            ["--settings", json.dumps(asdict(settings))],
-            log_dir,
-            env=settings.env(),
+        super().__init__(
+            Server.python_module(
+                "inprocess",
+                "expertmesh.bench.inprocess",
+                ["--settings", json.dumps(asdict(settings))],
+                log_dir,
+                env=settings.env(),
+            )
         )
-
-    @property
-    def pid(self) -> int:
-        """The child's process id."""
-        return self.server.pid
-
-    async def start(self, timeout: float = READY_TIMEOUT_S) -> float:
-        """Start the child and wait until its engine is up; return the seconds it took."""
-        self.server.start(stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-        reply = await self._reply(timeout)
-        if not reply.get("ready"):
-            raise BenchError(f"inprocess: unexpected first message {reply}")
-        self.server.record_descendants()
-        return time.monotonic() - self.server.started_at
-
-    async def _reply(self, timeout: float) -> dict[str, Any]:
-        proc = self.server.proc
-        assert proc is not None and proc.stdout is not None
-        try:
-            # A blocking read in a thread: the pipe is not the event loop's (see bench.procs).
-            line = await asyncio.wait_for(asyncio.to_thread(proc.stdout.readline), timeout)
-        except TimeoutError:
-            raise BenchError(f"inprocess: no answer after {timeout:.0f} s:\n{self.server.tail()}") from None
-        if not line:
-            await self.server.wait(5)
-            self.server.check_alive()
-            raise BenchError("inprocess: the child closed its output")
-        reply: dict[str, Any] = json.loads(line)
-        return reply
 
     async def run(
         self, prompts: list[str], concurrency: int, requests: int, max_tokens: int, temperature: float
@@ -162,27 +116,8 @@ class InProcessRunner:
             "max_tokens": max_tokens,
             "temperature": temperature,
         }
-        await self._send(cmd)
-        reply = await self._reply(READY_TIMEOUT_S)
-        if "error" in reply:
-            raise BenchError(f"inprocess: {reply['error']}")
+        reply = await self.ask(cmd)
         return LoadResult(**reply["result"])
-
-    async def _send(self, cmd: dict[str, Any]) -> None:
-        proc = self.server.proc
-        assert proc is not None and proc.stdin is not None
-        proc.stdin.write((json.dumps(cmd) + "\n").encode())
-        proc.stdin.flush()  # one short line to a child that is always reading
-
-    async def stop(self) -> None:
-        """Ask the child to shut its engine down, then make sure the whole tree is gone."""
-        proc = self.server.proc
-        if proc is not None and self.server.returncode is None and proc.stdin is not None:
-            with contextlib.suppress(OSError):
-                await self._send({"op": "quit"})
-                proc.stdin.close()
-            await self.server.wait(30)
-        await self.server.stop()
 
 
 if __name__ == "__main__":

@@ -23,9 +23,25 @@ SCENARIOS = (
     "gateway_openai",
     "gateway_tls",
     "relay",
+    "up_expert",
+    "up_gateway",
     "vllm_grpc",
     "vllm_openai",
 )
+#: Scenarios measured only when named (``--only``): the shipped topology's client placed
+#: otherwise, and one expert alone under ``up`` (:mod:`bench.topology`).
+EXTRA_SCENARIOS = (
+    "up_expert_same",
+    "up_gateway_same",
+    "up_expert_placed",
+    "up_gateway_placed",
+    "alone_expert",
+    "alone_gateway",
+    "affinity_prefix",
+    "affinity_none",
+)
+#: Every scenario, in the order they are reported.
+ALL_SCENARIOS = SCENARIOS + EXTRA_SCENARIOS
 #: Trials per level in a full run; the best is reported. A trial is 2-6 s, and on a shared
 #: two-core box one scenario's trials differ by up to 25 %: with two, a ratio of two scenarios
 #: moved by as much from run to run.

@@ -72,15 +72,18 @@ class Server:
             raise BenchError(f"{self.name} was not started")
         return self.proc.pid
 
-    def start(self, **popen: Any) -> None:
-        """Start the process in its own process group; output goes to the log file unless redirected."""
+    def start(self, new_session: bool = False, **popen: Any) -> None:
+        """Start the process in its own process group; output goes to the log file unless redirected.
+
+        ``new_session``: in a session of its own instead (as a program started from another
+        terminal runs: with autogroup scheduling, in a scheduling group of its own)."""
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log = self.log_path.open("ab")
         popen.setdefault("stdout", self._log)
         popen.setdefault("stderr", subprocess.STDOUT if popen["stdout"] is self._log else self._log)
         # A child inherits this thread's cores, and a trial may have narrowed them (Context.measure).
         cpus.widen_this_thread()
-        self.proc = procs.spawn(self.argv, env={**os.environ, **self.env}, **popen)
+        self.proc = procs.spawn(self.argv, new_session, env={**os.environ, **self.env}, **popen)
         self.family = procs.Family(self.proc.pid)
         self.started_at = time.monotonic()
 

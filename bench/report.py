@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .plan import SCENARIOS
+from .plan import ALL_SCENARIOS
 
 Scenarios = dict[str, dict[str, dict[str, float]]]
 
@@ -46,39 +46,37 @@ def _best_vllm(s: Scenarios, c: str) -> float:
     return max(values) if values else math.nan
 
 
-def _expert_vs_inprocess(s: Scenarios, c: str) -> float:
-    return _ratio(_tok(s, "expert", c), _tok(s, "inprocess", c))
+def _vs(a: str, b: str) -> Callable[[Scenarios, str], float]:
+    """tok/s of scenario ``a`` as a multiple of ``b`` ("best_vllm": the better of vLLM's servers)."""
+    if b == "best_vllm":
+        return lambda s, c: _ratio(_tok(s, a, c), _best_vllm(s, c))
+    return lambda s, c: _ratio(_tok(s, a, c), _tok(s, b, c))
+
+
+def _ratio_target(a: str, b: str, streams: tuple[int, ...], least: float, strict: bool = False) -> Target:
+    """``a``'s tok/s is at least (``strict``: more than) ``least`` times ``b``'s."""
+    goal = f"{'>' if strict else '>='} {least:.2f}x"
+    name = f"{a} tok/s vs {'best vLLM server' if b == 'best_vllm' else b}"
+    met = (lambda v: v > least) if strict else (lambda v: v >= least)
+    return Target(name, streams, goal, _vs(a, b), met)
+
+
+def _hop_targets(expert: str, gateway: str, vs_vllm: float, strict: bool = False) -> tuple[Target, ...]:
+    """The expert's targets against in-process and vLLM's servers, and the gateway's against it."""
+    return (
+        _ratio_target(expert, "inprocess", (1, 8, 32), 0.9),
+        _ratio_target(expert, "inprocess", (128,), 0.7),
+        _ratio_target(expert, "best_vllm", (32, 128), vs_vllm, strict),
+        _ratio_target(gateway, expert, (1, 8, 32, 128), 0.9),
+    )
 
 
 TARGETS = (
-    Target(
-        "expert tok/s vs inprocess",
-        (1, 8, 32),
-        ">= 0.90x",
-        _expert_vs_inprocess,
-        lambda v: v >= 0.9,
-    ),
-    Target(
-        "expert tok/s vs inprocess",
-        (128,),
-        ">= 0.70x",
-        _expert_vs_inprocess,
-        lambda v: v >= 0.7,
-    ),
-    Target(
-        "expert tok/s vs best vLLM server",
-        (32, 128),
-        ">= 1.50x",
-        lambda s, c: _ratio(_tok(s, "expert", c), _best_vllm(s, c)),
-        lambda v: v >= 1.5,
-    ),
-    Target(
-        "gateway tok/s vs expert",
-        (1, 8, 32, 128),
-        ">= 0.90x",
-        lambda s, c: _ratio(_tok(s, "gateway", c), _tok(s, "expert", c)),
-        lambda v: v >= 0.9,
-    ),
+    *_hop_targets("expert", "gateway", 1.5),
+    # The shipped topology (issue 22): `up` from a config, the client a process of its own;
+    # both hops ahead of the better of vLLM's servers.
+    *_hop_targets("up_expert", "up_gateway", 1.0, strict=True),
+    _ratio_target("up_gateway", "best_vllm", (32, 128), 1.0, strict=True),
     Target(
         "gateway_tls tok/s vs gateway",
         (1, 32, 128),
@@ -159,7 +157,7 @@ def _clean(obj: Any) -> Any:
 
 def write_json(path: Path, scenarios: Scenarios, extra: dict[str, Any]) -> dict[str, Any]:
     """Write ``results.json``: ``{"scenarios": ...}`` first, then ratios, targets and ``extra``."""
-    ordered = {name: scenarios[name] for name in SCENARIOS if name in scenarios}
+    ordered = {name: scenarios[name] for name in ALL_SCENARIOS if name in scenarios}
     doc = {
         "scenarios": ordered,
         "ratios_vs_inprocess": ratios(ordered),
@@ -182,7 +180,7 @@ def print_tables(scenarios: Scenarios, concurrency: list[int], errors: dict[str,
     from expertmesh.console import console as make_console
 
     console = make_console()
-    names = [n for n in SCENARIOS if n in scenarios or n in errors]
+    names = [n for n in ALL_SCENARIOS if n in scenarios or n in errors]
     rel = ratios(scenarios)
 
     tput = Table(title="output tokens/s (x in-process AsyncLLM at the same streams)")
@@ -288,7 +286,7 @@ def plot(path: Path, scenarios: Scenarios, concurrency: list[int]) -> None:
     import matplotlib.pyplot as plt
 
     fig, (ax_tok, ax_ttft) = plt.subplots(1, 2, figsize=(12, 4.8))
-    for name in SCENARIOS:
+    for name in ALL_SCENARIOS:
         levels = scenarios.get(name)
         if not levels:
             continue

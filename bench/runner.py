@@ -14,9 +14,19 @@ import contextlib
 import grpc
 
 from .load import BenchError
+from .prefix import PrefixGroup
 from .scenarios import Context, Group, MeshGroup, Results, SecureGroup, Turn, VllmGrpcGroup, VllmOpenAIGroup
+from .topology import AloneGroup, UpGroup
 
-GROUPS: tuple[type[Group], ...] = (MeshGroup, SecureGroup, VllmGrpcGroup, VllmOpenAIGroup)
+GROUPS: tuple[type[Group], ...] = (
+    MeshGroup,
+    SecureGroup,
+    UpGroup,
+    AloneGroup,
+    PrefixGroup,
+    VllmGrpcGroup,
+    VllmOpenAIGroup,
+)
 
 
 async def run_groups(ctx: Context, together: bool, groups: tuple[type[Group], ...] = GROUPS) -> Results:

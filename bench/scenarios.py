@@ -42,7 +42,7 @@ from expertmesh.v1 import expertmesh_pb2_grpc as pb_grpc
 from .clients import mesh_client, mesh_requests, openai_client, vllm_grpc_client
 from .inprocess import InProcessRunner
 from .load import LoadResult, OneRequest, run_load
-from .plan import EXPERT_DOMAIN, EXPERT_ID, EngineSettings, LoadPlan
+from .plan import EXPERT_DOMAIN, EXPERT_ID, EXTRA_SCENARIOS, EngineSettings, LoadPlan
 from .procs import QUIET_CORES, ProcessSampler, Server, free_port, wait_for_quiet
 
 HOST = "127.0.0.1"
@@ -98,12 +98,14 @@ class Context:
     out: Path
     say: Callable[[str], None]
     results: Results = field(default_factory=Results)
-    #: Measure only these scenarios (``expertmesh bench --only``); None = all of them.
+    #: Measure only these scenarios (``expertmesh bench --only``); None = all but the extra ones.
     only: frozenset[str] | None = None
+    #: The mesh config the shipped-topology scenarios start under ``up`` (None: configs/demo.yaml).
+    config: Path | None = None
 
     def wants(self, scenario: str) -> bool:
         """True when ``scenario`` is to be measured."""
-        return self.only is None or scenario in self.only
+        return scenario in self.only if self.only is not None else scenario not in EXTRA_SCENARIOS
 
     @property
     def log_dir(self) -> Path:
@@ -226,10 +228,18 @@ class MeshGroup(Group):
         )
         return expert_server, gateway_server, relay_server
 
+    @property
+    def _mesh_wanted(self) -> bool:
+        return any(self.ctx.wants(n) for n in self.names if n != "inprocess")
+
     async def start(self) -> None:
         """Start everything together; the gateway is ready once it sees the expert."""
         if not self.ctx.wants("inprocess"):  # one engine fewer
             await self._start_mesh()
+            return
+        if not self._mesh_wanted:  # in-process alone (beside the shipped topology, say)
+            self.ctx.say("inprocess: starting AsyncLLM in a child process ...")
+            self.ctx.started("inprocess", await self.runner.start())
             return
         self.ctx.say("inprocess: starting AsyncLLM in a child process ...")
         async with asyncio.TaskGroup() as tasks:  # one failure cancels the other start
@@ -268,6 +278,12 @@ class MeshGroup(Group):
     async def turns(self, stack: contextlib.AsyncExitStack) -> list[Turn]:
         """In-process, then one channel per hop, shared by all its streams."""
         ctx, plan = self.ctx, self.ctx.plan
+        turns = []
+        if ctx.wants("inprocess"):
+            await self._inprocess_warm_up()
+            turns.append(Turn("inprocess", self._inprocess_trial))
+        if not self._mesh_wanted:
+            return turns
         assert self.expert is not None and self.gateway is not None and self.relay is not None
         expert_pid = self.expert.pid
         hops = (  # scenario, address, stub, the processes it runs on
@@ -280,10 +296,6 @@ class MeshGroup(Group):
             ),
             ("relay", self.relay_addr, pb_grpc.GatewayStub, {"relay": self.relay.pid, "expert": expert_pid}),
         )
-        turns = []
-        if ctx.wants("inprocess"):
-            await self._inprocess_warm_up()
-            turns.append(Turn("inprocess", self._inprocess_trial))
         requests = mesh_requests(plan, plan.max_tokens)
         for name, address, stub, roots in hops:
             if not ctx.wants(name):

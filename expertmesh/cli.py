@@ -299,6 +299,9 @@ def _parser() -> argparse.ArgumentParser:
         "--only",
         help="comma-separated scenarios: run just their groups, in turns (e.g. gateway,gateway_tls)",
     )
+    bench.add_argument(
+        "--config", help="mesh the up_* scenarios start with expertmesh up (default: configs/demo.yaml)"
+    )
 
     deploy = sub.add_parser("deploy", help="render deployment files from the mesh config")
     target = deploy.add_subparsers(dest="target", required=True)
@@ -350,7 +353,10 @@ def main(argv: list[str] | None = None) -> int:
             from expertmesh.bench.command import main_bench
 
             only = set(args.only.split(",")) if args.only else None
-            return main_bench(quick=args.quick, out=Path(args.out), trials=args.trials, only=only)
+            mesh_path = Path(args.config) if args.config else None
+            return main_bench(
+                quick=args.quick, out=Path(args.out), trials=args.trials, only=only, config=mesh_path
+            )
         if args.command == "deploy":
             from expertmesh.deploy.render import main_deploy_k8s
 

@@ -121,6 +121,13 @@ class MeshConfig(_Strict):
         description="Supervisor: a child that served and then answers no health check for this long is "
         "killed and restarted; None = off.",
     )
+    session_nice: int | None = Field(
+        default=10,
+        ge=0,
+        le=19,
+        description="Supervisor: nice of the scheduling group of up's session (autogroup), so that "
+        "clients in other sessions are not starved by the engines; None = left as it is.",
+    )
     limits: LimitsConfig = LimitsConfig()
     routing: RoutingConfig = RoutingConfig()
     internal_tls: InternalTlsConfig | None = Field(

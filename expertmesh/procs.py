@@ -30,9 +30,14 @@ from .rpc import open_channel
 POLL_S = 0.2
 
 
-def spawn(argv: list[str], **popen: Any) -> subprocess.Popen[Any]:
-    """Start ``argv`` in its own process group, in this session (module docstring)."""
-    return subprocess.Popen(argv, process_group=0, **popen)
+def spawn(argv: list[str], new_session: bool = False, **popen: Any) -> subprocess.Popen[Any]:
+    """Start ``argv`` in its own process group, in this session (module docstring).
+
+    ``new_session``: in a session of its own instead, as a program started from another terminal
+    runs (with autogroup scheduling, a scheduling group of its own); it leads its group either way.
+    """
+    where: dict[str, Any] = {"start_new_session": True} if new_session else {"process_group": 0}
+    return subprocess.Popen(argv, **where, **popen)
 
 
 async def spawn_async(argv: list[str], **kw: Any) -> asyncio.subprocess.Process:

@@ -84,6 +84,20 @@ class RoutingConfig(_Strict):
     max_ejection_percent: float = Field(
         default=50.0, ge=0, le=100, description="At most this share of an expert's replicas ejected at once."
     )
+    affinity: Literal["prefix", "session", "none"] = Field(
+        default="none",
+        description="Replica choice within an expert: prefix = where the prompt's first blocks were "
+        "seen (vLLM's prefix cache), session = by x-session-id metadata, none = least outstanding.",
+    )
+    affinity_prefix_chars: int = Field(
+        default=1024, gt=0, description="affinity prefix: characters of the prompt (or chat turns) hashed."
+    )
+    affinity_balance: float = Field(
+        default=1.25,
+        ge=1.0,
+        description="affinity: a replica takes its keys' requests while its outstanding requests stay "
+        "within this factor of the average (+1); beyond it, least outstanding.",
+    )
     classify_budget_ms: float = Field(
         default=20.0, gt=0, description="Time classification may take; then the default domain, with why."
     )

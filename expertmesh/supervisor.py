@@ -3,7 +3,9 @@
 Each child runs in its own process group, so that stopping it reaches vLLM's engine-core and
 worker processes too, but in the supervisor's session: with the kernel's autogroup scheduling
 a session is a scheduling group, and an expert in a session of its own was starved by its own
-engine processes (on 2 cores: half the throughput, streams stalled up to a second).
+engine processes (on 2 cores: half the throughput, streams stalled up to a second). The
+session's scheduling group gets a positive nice (``session_nice``), so that a client in another
+session (another terminal) is not starved by the same engines (:mod:`expertmesh.autogroup`).
 
 An expert whose model fails to load stays up in state FAILED (its process keeps answering
 Info with the cause); the supervisor reads that cause as soon as the expert reports it and
@@ -32,7 +34,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from expertmesh import procs
+from expertmesh import autogroup, procs
 from expertmesh.config import MeshConfig
 from expertmesh.logs import log_tail
 from expertmesh.services.expert.ipc_dir import remove_left_by
@@ -181,6 +183,8 @@ class Supervisor:
 
     async def start(self) -> None:
         """Start every process and the tasks that watch them."""
+        # Before the children start: they share this session's scheduling group (autogroup.py).
+        self.report(autogroup.lower_session_weight(self.config.session_nice))
         for child in self.children:
             await self._spawn(child)
             self._tasks.append(asyncio.create_task(self._watch_health(child)))

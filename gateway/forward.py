@@ -1,7 +1,8 @@
 """Forward one request along its route, failing over before the first token.
 
-Candidates are tried in route order; within an expert, its available replicas by least
-outstanding requests. What an attempt's failure means is decided here, once:
+Candidates are tried in the route plan's order (:mod:`.plan`): within an expert, its available
+replicas by least outstanding requests, the one holding the request's prefix first when
+``routing.affinity`` says so (:mod:`.affinity`). What an attempt's failure means is decided here, once:
 
 - the replica's own failure (it is unreachable or died, UNAVAILABLE, INTERNAL, UNKNOWN, no
   first message within ``routing.first_token_timeout_s``): counted toward its ejection, and

@@ -15,13 +15,15 @@ from expertmesh.v1 import expertmesh_pb2 as pb
 from expertmesh.v1 import expertmesh_pb2_grpc as pb_grpc
 from expertmesh.validation import check_request
 
+from . import affinity
 from .admission import Admission
 from .auth import current_tenant
 from .call import CallContext
 from .forward import Forwarder
-from .plan import plan
+from .link import ExpertLink
+from .plan import Plan, plan
 from .pool import Pool
-from .router import Router
+from .router import Route, Router
 from .tenants import Tenants
 
 log = logging.getLogger(__name__)
@@ -56,7 +58,7 @@ class GatewayServicer(pb_grpc.GatewayServicer):
             route = self.tenants.permit(tenant, request, await router.route(request))
             note_route(route.domain, route.signal, route.confidence)
             routing = router.config.routing
-            forwarder = Forwarder(request, plan(route, self.pool.of, routing), self.pool, routing, context)
+            forwarder = Forwarder(request, self._plan(route, request, context), self.pool, routing, context)
             lease = self.tenants.admit(tenant, request)
             try:
                 async for msg in forwarder.stream():
@@ -79,9 +81,14 @@ class GatewayServicer(pb_grpc.GatewayServicer):
     @grpc_errors
     async def Route(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> pb.RouteDecision:
         check_request(request, self.router.config.limits)
-        router = self.router
-        route = self.tenants.permit(current_tenant.get(), request, await router.route(request))
-        return plan(route, self.pool.of, router.config.routing).decision()  # as Generate would go
+        route = self.tenants.permit(current_tenant.get(), request, await self.router.route(request))
+        return self._plan(route, request, context).decision()  # as Generate would go
+
+    def _plan(self, route: Route, request: pb.GenerateRequest, context: CallContext) -> Plan[ExpertLink]:
+        """The route plan (:mod:`.plan`), its replica order by ``routing.affinity`` (:mod:`.affinity`)."""
+        routing = self.router.config.routing
+        order = affinity.replica_order(request, context.invocation_metadata(), routing, self.pool.of)
+        return plan(route, self.pool.of, routing, order)
 
     @grpc_errors
     async def ListExperts(

@@ -30,6 +30,10 @@ def write_config(path: Path, experts: list[dict[str, Any]], **mesh: Any) -> Path
     data = {
         "gateway": {"host": "127.0.0.1", "port": free_port(), **mesh.pop("gateway", {})},
         "grace_period_s": 15,
+        # The test client runs in up's session, so nothing here needs up's group to yield; and on
+        # a shared host a group at nice 10 waits behind every other session's work (its engines
+        # were seen taking over 5 minutes to load beside other test suites).
+        "session_nice": None,
         **mesh,
         "experts": experts,
     }

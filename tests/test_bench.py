@@ -18,6 +18,7 @@ from typing import ClassVar
 import grpc
 import psutil
 import pytest
+import yaml
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from expertmesh.bench.load import BenchError, Recorder, percentile, run_load
@@ -152,6 +153,8 @@ def test_report_writes_json_targets_and_png(tmp_path: Path) -> None:
         "gateway_openai": 0.7,
         "gateway_tls": 0.76,
         "relay": 0.85,
+        "up_expert": 0.92,
+        "up_gateway": 0.55,
         "vllm_grpc": 0.5,
         "vllm_openai": 0.6,
     }
@@ -180,6 +183,9 @@ def test_report_writes_json_targets_and_png(tmp_path: Path) -> None:
     assert met[("gateway_tls tok/s vs gateway", 32)]  # 0.76 / 0.8 = 0.95
     assert met[("TTFT p50 added by TLS + auth (ms)", 1)]  # 5.0 - 5.5 ms: none added
     assert met[("gateway_openai tok/s vs vllm_openai", 32)]  # 0.7 / 0.6
+    assert met[("up_expert tok/s vs inprocess", 8)]  # 0.92
+    assert not met[("up_gateway tok/s vs up_expert", 32)]  # 0.55 / 0.92 = 0.6
+    assert not met[("up_gateway tok/s vs best vLLM server", 128)]  # 0.55 / 0.6
     added = {(t["target"], t["streams"]): t["value"] for t in check_targets(scenarios)}
     assert added[("TTFT p50 added by HTTP front over gateway (ms)", 1)] == -0.5  # 5.0 - 5.5 ms
     plot(tmp_path / "results.png", scenarios, list(CONCURRENCY))
@@ -289,3 +295,48 @@ def test_bench_quick_runs_every_scenario(tmp_path: Path) -> None:
     # New ones only, and not the IPC folder of a process still running (another program's)
     new = {p for p in _ipc_leftovers() - ipc_before if not _owner_alive(p)}
     assert new == set()
+
+
+def test_the_shipped_topology_is_the_configs_mesh_on_free_ports_with_the_bench_engine(tmp_path: Path) -> None:
+    from expertmesh.bench.topology import DEFAULT_CONFIG, mesh_data
+    from expertmesh.config import MeshConfig
+
+    ctx = Context(EngineSettings(model="/models/tiny"), LoadPlan.quick(), tmp_path, say=lambda line: None)
+    data = mesh_data(DEFAULT_CONFIG, ctx)
+    config = MeshConfig.model_validate(data)
+    shipped = yaml.safe_load(DEFAULT_CONFIG.read_text())
+    assert [e.expert_id for e in config.experts] == [e["expert_id"] for e in shipped["experts"]]
+    assert config.routing.fallbacks == shipped["routing"]["fallbacks"]
+    ports = [config.gateway.port, config.gateway.http_port, *(e.port for e in config.experts)]
+    assert len(set(ports)) == len(ports) and shipped["gateway"]["port"] not in ports
+    assert {(e.model_path, e.max_model_len, e.max_num_seqs) for e in config.experts} == {
+        ("/models/tiny", 1024, 128)
+    }
+    # The code expert keeps what makes it the code expert.
+    assert config.expert("code_smol").system_prompt == shipped["experts"][1]["system_prompt"]
+    alone = MeshConfig.model_validate(mesh_data(DEFAULT_CONFIG, ctx, alone=True))
+    assert [e.domain for e in alone.experts] == ["general"] and not alone.routing.fallbacks
+
+
+def test_extra_scenarios_run_only_when_named(tmp_path: Path) -> None:
+    from expertmesh.bench.plan import EXTRA_SCENARIOS
+
+    plan = LoadPlan.quick()
+    every = Context(EngineSettings(model="m"), plan, tmp_path, say=lambda line: None)
+    assert every.wants("up_expert") and not any(every.wants(n) for n in EXTRA_SCENARIOS)
+    named = Context(
+        EngineSettings(model="m"), plan, tmp_path, say=lambda line: None, only=frozenset({"alone_expert"})
+    )
+    assert named.wants("alone_expert") and not named.wants("up_expert")
+
+
+def test_affinity_prompts_share_a_long_system_prompt_per_trial(demo_models: list[Path]) -> None:
+    from tokenizers import Tokenizer
+
+    from expertmesh.bench.prefix import prompts, system_prompt
+
+    one, two = prompts(1), prompts(2)
+    assert len(set(one)) == len(one) and all(p.startswith(system_prompt(1)) for p in one)
+    assert not any(p.startswith(system_prompt(1)) for p in two)  # each trial starts cold
+    tokens = len(Tokenizer.from_file(str(demo_models[0] / "tokenizer.json")).encode(system_prompt(1)).ids)
+    assert 1400 <= tokens <= 1700
