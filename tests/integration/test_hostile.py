@@ -27,7 +27,7 @@ from expertmesh.config import MeshConfig, load_config
 from expertmesh.v1 import expertmesh_pb2 as pb
 from expertmesh.v1 import expertmesh_pb2_grpc as pb_grpc
 
-from .support import VENV_BIN, demo_expert, wait_serving, write_config
+from ..support import VENV_BIN, demo_expert, wait_serving, write_config
 
 pytestmark = pytest.mark.engine
 

@@ -25,9 +25,9 @@ from expertmesh.client import MeshClient
 from expertmesh.config import MeshConfig, load_config
 from expertmesh.telemetry.engine_metrics import EngineMetrics
 
-from .support import VENV_BIN, demo_expert, free_port, wait_serving, write_config
+from ..support import VENV_BIN, demo_expert, free_port, wait_serving, write_config
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 OBSERVABILITY = ROOT / "deploy" / "observability"
 METRIC = re.compile(r"\b(expertmesh_[a-z_]+|vllm:[a-z_:]+)")
 SUFFIXES = ("_total", "_bucket", "_count", "_sum", "_created")

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from .support import REPO
+from ..support import REPO
 
 #: Source folder -> the package it is (pyproject.toml's package-dir).
 FOLDERS = {"expertmesh": "expertmesh", "gateway": "expertmesh.gateway", "services": "expertmesh.services"}

@@ -46,9 +46,9 @@ from expertmesh.tls import (
 )
 from expertmesh.v1 import expertmesh_pb2 as pb
 
-from .fakes import TracedFakeExpert as FakeExpert
-from .fakes import serve_fake
-from .support import free_port, wait_serving
+from ..fakes import TracedFakeExpert as FakeExpert
+from ..fakes import serve_fake
+from ..support import free_port, wait_serving
 
 TOKEN_A = "a" * 24
 TOKEN_B = "b-" + "x" * 30

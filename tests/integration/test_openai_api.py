@@ -34,8 +34,8 @@ from expertmesh.gateway.server import serve
 from expertmesh.telemetry import tracing
 from expertmesh.telemetry.metrics import REGISTRY
 
-from .expert_support import info, start_expert, stop_group
-from .support import demo_expert, free_port, wait_serving, write_config
+from ..expert_support import info, start_expert, stop_group
+from ..support import demo_expert, free_port, wait_serving, write_config
 
 pytestmark = pytest.mark.engine
 CODE_PROMPT = "def fibonacci(n):"

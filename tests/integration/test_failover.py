@@ -25,7 +25,7 @@ from expertmesh.services.expert.ipc_dir import dirs_of as ipc_dirs
 from expertmesh.v1 import expertmesh_pb2 as pb
 from expertmesh.v1 import expertmesh_pb2_grpc as pb_grpc
 
-from .support import VENV_BIN, demo_expert, wait_serving, write_config
+from ..support import VENV_BIN, demo_expert, wait_serving, write_config
 
 pytestmark = pytest.mark.engine
 

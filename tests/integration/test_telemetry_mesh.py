@@ -27,8 +27,8 @@ from expertmesh.config import MeshConfig, load_config
 from expertmesh.v1 import expertmesh_pb2 as pb
 from expertmesh.v1 import expertmesh_pb2_grpc as pb_grpc
 
-from .otlp_receiver import OtlpReceiver, ReceivedSpan
-from .support import VENV_BIN, demo_expert, free_port, wait_serving, write_config
+from ..otlp_receiver import OtlpReceiver, ReceivedSpan
+from ..support import VENV_BIN, demo_expert, free_port, wait_serving, write_config
 
 pytestmark = pytest.mark.engine
 EXPERT = "general_tiny"

@@ -19,8 +19,8 @@ from expertmesh.services.expert.request import DEFAULT_MAX_TOKENS
 from expertmesh.v1 import expertmesh_pb2 as pb
 from expertmesh.v1 import expertmesh_pb2_grpc as pb_grpc
 
-from .expert_support import start_expert, stop_group
-from .support import demo_expert, wait_serving, write_config
+from ..expert_support import start_expert, stop_group
+from ..support import demo_expert, wait_serving, write_config
 
 pytestmark = pytest.mark.engine
 REVERSE = "Write a Python function that reverses a string."

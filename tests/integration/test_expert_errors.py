@@ -29,8 +29,8 @@ from expertmesh.config import MeshConfig, load_config
 from expertmesh.v1 import expertmesh_pb2 as pb
 from expertmesh.v1 import expertmesh_pb2_grpc as pb_grpc
 
-from .expert_support import info, wait_state
-from .support import VENV_BIN, demo_expert, health_status, wait_serving, write_config
+from ..expert_support import info, wait_state
+from ..support import VENV_BIN, demo_expert, health_status, wait_serving, write_config
 
 pytestmark = pytest.mark.engine
 MAX_QUEUE = 100

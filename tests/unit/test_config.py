@@ -153,7 +153,7 @@ def test_every_key_is_in_the_configuration_reference() -> None:
     from expertmesh import config as cfg
     from expertmesh import security_config
 
-    text = (Path(__file__).resolve().parent.parent / "docs" / "configuration.md").read_text()
+    text = (Path(__file__).resolve().parents[2] / "docs" / "configuration.md").read_text()
     models = [m for m in vars(cfg).values() if isinstance(m, type) and issubclass(m, BaseModel)]
     missing = [
         f"{m.__name__}.{name}"

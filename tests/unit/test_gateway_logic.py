@@ -25,8 +25,8 @@ from expertmesh.gateway.server import serve
 from expertmesh.v1 import expertmesh_pb2 as pb
 from expertmesh.v1 import expertmesh_pb2_grpc as pb_grpc
 
-from .fakes import FakeServer
-from .support import free_port, wait_serving
+from ..fakes import FakeServer
+from ..support import free_port, wait_serving
 
 
 @contextlib.asynccontextmanager

@@ -22,7 +22,7 @@ from expertmesh.bench.chaos_mesh import Mesh, free_port_pair
 from expertmesh.v1 import expertmesh_pb2 as pb
 from expertmesh.v1 import expertmesh_pb2_grpc as pb_grpc
 
-from .support import demo_expert, free_port, wait_serving
+from ..support import demo_expert, free_port, wait_serving
 
 pytestmark = pytest.mark.engine
 SHARED = "System: you are the operations assistant. Answer briefly and precisely. " * 12  # ~900 chars

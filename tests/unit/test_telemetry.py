@@ -37,9 +37,9 @@ from expertmesh.telemetry.load import traced_load
 from expertmesh.v1 import expertmesh_pb2 as pb
 from expertmesh.v1 import expertmesh_pb2_grpc as pb_grpc
 
-from .fakes import TracedFakeExpert as FakeExpert
-from .fakes import serve_fake
-from .support import free_port, wait_serving
+from ..fakes import TracedFakeExpert as FakeExpert
+from ..fakes import serve_fake
+from ..support import free_port, wait_serving
 
 CALLER_TRACE = "0af7651916cd43dd8448eb211c80319c"
 CALLER_SPAN = "b7ad6b7169203331"

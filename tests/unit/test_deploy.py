@@ -30,7 +30,7 @@ from expertmesh.deploy.sizing import cpu_expert
 from expertmesh.preflight.check import inspect_expert
 from expertmesh.preflight.device import DeviceFacts, GiB
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 KUBE = ROOT / "deploy" / "kubernetes"
 PRODUCTION = "configs/production.json"
 KUBECTL = str(Path(sys.executable).parent / "kubectl")

@@ -24,8 +24,8 @@ from expertmesh.client import MeshClient
 from expertmesh.config import MeshConfig, load_config
 from expertmesh.v1 import expertmesh_pb2 as pb
 
-from .expert_support import stop_group, wait_state
-from .support import VENV_BIN, demo_expert, wait_serving, write_config
+from ..expert_support import stop_group, wait_state
+from ..support import VENV_BIN, demo_expert, wait_serving, write_config
 
 pytestmark = pytest.mark.engine
 EXPERTMESH = str(VENV_BIN / "expertmesh")

@@ -19,7 +19,7 @@ from expertmesh.gateway.router import Router
 from expertmesh.gateway.servicer import GatewayServicer
 from expertmesh.v1 import expertmesh_pb2 as pb
 
-from .fakes import FakeServer
+from ..fakes import FakeServer
 
 EXPERTS = {"code": ["code-a", "code-b"], "general": ["general-a", "general-b"]}
 

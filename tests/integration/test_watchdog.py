@@ -30,8 +30,8 @@ from expertmesh.supervisor import Supervisor
 from expertmesh.v1 import expertmesh_pb2 as pb
 from expertmesh.v1 import expertmesh_pb2_grpc as pb_grpc
 
-from .expert_support import start_expert, stop_group
-from .support import VENV_BIN, demo_expert, wait_serving, write_config
+from ..expert_support import start_expert, stop_group
+from ..support import VENV_BIN, demo_expert, wait_serving, write_config
 
 
 @pytest.mark.engine

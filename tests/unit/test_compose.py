@@ -15,7 +15,7 @@ from expertmesh.deploy.overlays import TAG
 
 from .test_image import DOCKERFILE, stages
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 COMPOSE_DIR = ROOT / "deploy" / "compose"
 #: Images pulled rather than built: pinned to a release, never :latest.
 EXTERNAL = ("otel/opentelemetry-collector-contrib:", "prom/prometheus:")

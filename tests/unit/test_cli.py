@@ -13,7 +13,7 @@ from rich.table import Table
 
 from expertmesh.console import console
 
-from .support import REPO, VENV_BIN, free_port
+from ..support import REPO, VENV_BIN, free_port
 
 EXPERTMESH = str(VENV_BIN / "expertmesh")
 TORCH_INDEX = str(REPO / "scripts" / "torch-index.sh")

@@ -16,7 +16,7 @@ import yaml
 from expertmesh.cli import DEMO_QUESTIONS
 from expertmesh.config import DEFAULT_CONFIG
 
-from .support import VENV_BIN, free_port
+from ..support import VENV_BIN, free_port
 
 pytestmark = pytest.mark.engine
 

@@ -27,9 +27,9 @@ from expertmesh.gateway.discovery import Discovery, is_name
 from expertmesh.gateway.pool import Pool
 from expertmesh.v1 import expertmesh_pb2 as pb
 
-from .dns_server import LoopbackDns
-from .expert_support import start_expert, start_gateway, stop_group
-from .support import demo_expert, free_port, wait_serving, write_config
+from ..dns_server import LoopbackDns
+from ..expert_support import start_expert, start_gateway, stop_group
+from ..support import demo_expert, free_port, wait_serving, write_config
 
 NAME = "coder.mesh.test"
 

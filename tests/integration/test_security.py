@@ -32,8 +32,8 @@ from expertmesh.tls import client_credentials
 from expertmesh.v1 import expertmesh_pb2 as pb
 from expertmesh.v1 import expertmesh_pb2_grpc as pb_grpc
 
-from .expert_support import start_expert, start_gateway, stop_group
-from .support import GRPCURL, VENV_BIN, demo_expert, free_port, write_config
+from ..expert_support import start_expert, start_gateway, stop_group
+from ..support import GRPCURL, VENV_BIN, demo_expert, free_port, write_config
 
 pytestmark = pytest.mark.engine
 

@@ -28,8 +28,8 @@ from expertmesh.cpus import vllm_role
 from expertmesh.v1 import expertmesh_pb2 as pb
 from expertmesh.v1 import expertmesh_pb2_grpc as pb_grpc
 
-from .expert_support import info
-from .support import VENV_BIN, demo_expert, wait_serving, write_config
+from ..expert_support import info
+from ..support import VENV_BIN, demo_expert, wait_serving, write_config
 
 pytestmark = pytest.mark.engine
 PROMPTS = [f"Story number {i}: once upon a time" for i in range(8)]

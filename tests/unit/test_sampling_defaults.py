@@ -1,5 +1,5 @@
 """The model's sampling defaults under a request's own fields (no engine: the merge rules only;
-tests/test_real_model.py shows them applied by a real engine)."""
+tests/integration/test_real_model.py shows them applied by a real engine)."""
 
 from __future__ import annotations
 

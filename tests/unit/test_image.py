@@ -19,7 +19,7 @@ import pytest
 from expertmesh.deploy.manifests import UID
 from expertmesh.deploy.overlays import TAG
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 DOCKERFILE = ROOT / "deploy" / "Dockerfile"
 BIN = Path(sys.executable).parent
 sys.path.insert(0, str(ROOT / "scripts"))

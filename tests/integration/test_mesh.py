@@ -30,8 +30,8 @@ from expertmesh.services.expert import ipc_dir
 from expertmesh.v1 import expertmesh_pb2 as pb
 from expertmesh.v1 import expertmesh_pb2_grpc as pb_grpc
 
-from .expert_support import all_workers, assert_off_worker_cores, thread_cores
-from .support import GRPCURL, REPO, VENV_BIN, demo_expert, health_status, wait_serving, write_config
+from ..expert_support import all_workers, assert_off_worker_cores, thread_cores
+from ..support import GRPCURL, REPO, VENV_BIN, demo_expert, health_status, wait_serving, write_config
 
 pytestmark = pytest.mark.engine
 PROMPT = "def fibonacci(n):"

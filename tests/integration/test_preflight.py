@@ -34,7 +34,7 @@ from expertmesh.preflight.config_checks import load_for_check
 from expertmesh.preflight.device import GiB
 from expertmesh.procs import free_port
 
-from .preflight_fixtures import (
+from ..preflight_fixtures import (
     GEMMA3_27B_IT,
     MISTRAL_7B_AWQ,
     cpu_host,
@@ -47,7 +47,7 @@ from .preflight_fixtures import (
     write_sparse_weights,
 )
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(autouse=True)
