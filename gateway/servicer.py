@@ -23,7 +23,8 @@ from .forward import Forwarder
 from .link import ExpertLink
 from .plan import Plan, plan
 from .pool import Pool
-from .router import Route, Router
+from .router import Route as _Route
+from .router import Router
 from .tenants import Tenants
 
 log = logging.getLogger(__name__)
@@ -84,7 +85,7 @@ class GatewayServicer(pb_grpc.GatewayServicer):
         route = self.tenants.permit(current_tenant.get(), request, await self.router.route(request))
         return self._plan(route, request, context).decision()  # as Generate would go
 
-    def _plan(self, route: Route, request: pb.GenerateRequest, context: CallContext) -> Plan[ExpertLink]:
+    def _plan(self, route: _Route, request: pb.GenerateRequest, context: CallContext) -> Plan[ExpertLink]:
         """The route plan (:mod:`.plan`), its replica order by ``routing.affinity`` (:mod:`.affinity`)."""
         routing = self.router.config.routing
         order = affinity.replica_order(request, context.invocation_metadata(), routing, self.pool.of)
