@@ -34,10 +34,10 @@ def main_bench(
     from expertmesh.loop import run
     from expertmesh.services.expert.ipc_dir import IpcDir
 
+    from .context import Context
     from .plan import ALL_SCENARIOS, EngineSettings, LoadPlan, default_model
     from .report import markdown, plot, print_tables, write_json
     from .runner import GROUPS, run_groups
-    from .scenarios import Context
 
     started = time.monotonic()
     out.mkdir(parents=True, exist_ok=True)

@@ -21,11 +21,10 @@ from typing import Any
 from expertmesh.config import MeshConfig
 
 from .chaos_mesh import HealthMonitor, Mesh, free_port_pair, wait_whole
+from .context import HOST, Context, Group, Turn
 from .procs import READY_TIMEOUT_S, ProcessSampler, Server, free_port
 from .remote import RemoteClient
-from .scenarios import Context, Group, Turn
 
-HOST = "127.0.0.1"
 STREAMS = 8
 REQUESTS = 64
 _RULE = (

@@ -13,10 +13,12 @@ import contextlib
 
 import grpc
 
+from .context import Context, Group, Results, Turn
 from .load import BenchError
+from .mesh_groups import MeshGroup, SecureGroup
 from .prefix import PrefixGroup
-from .scenarios import Context, Group, MeshGroup, Results, SecureGroup, Turn, VllmGrpcGroup, VllmOpenAIGroup
 from .topology import AloneGroup, UpGroup
+from .vllm_groups import VllmGrpcGroup, VllmOpenAIGroup
 
 GROUPS: tuple[type[Group], ...] = (
     MeshGroup,

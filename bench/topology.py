@@ -27,13 +27,12 @@ import yaml
 from expertmesh.config import load_config
 
 from .chaos_mesh import HealthMonitor, Mesh, wait_whole
+from .context import HOST, Context, Group, Turn
 from .load import BenchError
 from .plan import EXPERT_DOMAIN
 from .procs import READY_TIMEOUT_S, ProcessSampler, free_port
 from .remote import Placement, RemoteClient
-from .scenarios import Context, Group, Turn
 
-HOST = "127.0.0.1"
 #: The config ``expertmesh bench`` starts under ``up`` unless told otherwise.
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
 #: Scenario suffix -> where its client runs (see the module docstring).

@@ -21,12 +21,12 @@ import pytest
 import yaml
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from expertmesh.bench.context import Context, Group, Turn
 from expertmesh.bench.load import BenchError, Recorder, percentile, run_load
 from expertmesh.bench.plan import CONCURRENCY, SCENARIOS, EngineSettings, LoadPlan
 from expertmesh.bench.procs import Server, wait_for_quiet
 from expertmesh.bench.report import check_targets, plot, write_json
 from expertmesh.bench.runner import run_groups
-from expertmesh.bench.scenarios import Context, Group, Turn
 from expertmesh.services.expert.ipc_dir import PREFIX
 
 METRICS = ("tok_s", "ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms", "itl_p99_ms", "peak_rss_mib")

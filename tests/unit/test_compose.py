@@ -50,8 +50,11 @@ def test_images_are_built_here_or_pinned(compose: dict[str, Any]) -> None:
         if build:
             assert (COMPOSE_DIR / build["context"]).resolve() == ROOT, name
             assert (ROOT / build["dockerfile"]).resolve() == DOCKERFILE
-            assert build["target"] in targets, f"{name}: no stage {build['target']} in the Dockerfile"
-            assert service["image"] == f"expertmesh:{TAG['cpu']}" and build["target"] == "cpu"
+            assert "target" not in build, f"{name}: the image is the Dockerfile's last stage"
+            assert list(targets)[-1] == "runtime"
+            extra = build.get("args", {}).get("EXTRA", "cpu")  # the Dockerfile's default
+            assert f"base-{extra}" in targets, f"{name}: no base-{extra} stage in the Dockerfile"
+            assert service["image"] == f"expertmesh:{TAG['cpu']}" and extra == "cpu"
         else:
             image = service["image"]
             assert image.startswith(EXTERNAL) and not image.endswith(":latest"), f"{name}: {image}"

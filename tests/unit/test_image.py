@@ -85,45 +85,52 @@ def test_hadolint_catches_mistakes(tmp_path: Path) -> None:
     assert "DL3007" in proc.stdout and "DL3003" in proc.stdout  # :latest, cd in RUN
 
 
-def test_cpu_and_cuda_targets_run_unprivileged_without_weights(parsed: dict[str, Stage]) -> None:
-    # the overlays' images are these targets (expertmesh:...-cpu, ...-cuda)
-    assert {"cpu", "cuda"} <= set(parsed) and set(TAG) == {"cpu", "gpu"}
-    for target, build in (("cpu", "build-cpu"), ("cuda", "build-cuda")):
-        stage = parsed[target]
-        assert stage.of("USER") == [str(UID)], target  # the manifests' runAsUser
-        assert stage.of("COPY") == [f"--from={build} /opt/expertmesh /opt/expertmesh"], target
-        assert stage.of("VOLUME") == ['["/models"]']
-        assert any("HF_HUB_OFFLINE=1" in env for env in stage.of("ENV"))
-        assert stage.of("CMD") == ['["python", "-m", "expertmesh.gateway"]']
-        assert not any("pip install" in run for run in stage.of("RUN")), "the run stage installs nothing"
-    assert parsed["cpu"].base == parsed["build-cpu"].base == "${CPU_BASE}"
-    assert parsed["cuda"].base == parsed["build-cuda"].base == "${CUDA_BASE}"
+def test_each_extra_has_a_base_and_both_builds_share_every_other_stage(parsed: dict[str, Stage]) -> None:
+    # EXTRA (a pyproject extra, and an overlay's kind: expertmesh:...-cpu, ...-cuda) picks the base
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    bases = {name.removeprefix("base-"): s.base for name, s in parsed.items() if name.startswith("base-")}
+    assert bases == {"cpu": "${CPU_BASE}", "gpu": "${CUDA_BASE}"}
+    assert set(bases) == set(TAG) and set(bases) <= set(extras)
+    assert set(parsed) == {"base-cpu", "base-gpu", "build", "runtime"}
+    assert parsed["build"].base == parsed["runtime"].base == "base-${EXTRA}"
     args = dict(re.findall(r"^ARG (\w+)=(\S+)$", DOCKERFILE.read_text(), re.M))
     assert args["CUDA_BASE"].startswith("nvidia/cuda:") and args["CPU_BASE"].startswith("ubuntu:")
+    assert args["EXTRA"] == "cpu"  # the compose file's build and the documented CPU build
+    for name in bases:
+        assert not any("pip install" in run for run in parsed[f"base-{name}"].of("RUN")), name
+
+
+def test_runtime_runs_unprivileged_without_weights(parsed: dict[str, Stage]) -> None:
+    stage = parsed["runtime"]
+    assert stage.of("USER") == [str(UID)]  # the manifests' runAsUser
+    assert stage.of("COPY") == ["--from=build /opt/expertmesh /opt/expertmesh"]
+    assert stage.of("VOLUME") == ['["/models"]']
+    assert any("HF_HUB_OFFLINE=1" in env for env in stage.of("ENV"))
+    assert stage.of("CMD") == ['["python", "-m", "expertmesh.gateway"]']
+    assert not any("pip install" in run for run in stage.of("RUN")), "the run stage installs nothing"
+    assert list(parsed)[-1] == "runtime", "the default target is the image"
 
 
 def test_dependencies_install_in_a_layer_before_the_source(parsed: dict[str, Stage]) -> None:
-    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
-    for name, extra in (("build-cpu", "cpu"), ("build-cuda", "gpu")):
-        steps = parsed[name].steps
-        assert ("ARG", f"EXTRA={extra}") in steps and extra in extras
-        source = steps.index(("COPY", ". ."))
-        deps = next(
-            i for i, (ins, arg) in enumerate(steps) if ins == "RUN" and "-r /opt/requirements.txt" in arg
-        )
-        assert deps < source, name
-        # before the source only the files the dependency list comes from, each of them present
-        for ins, arg in steps[:source]:
-            if ins == "COPY":
-                *sources, _dest = arg.split()
-                assert all((ROOT / s).is_file() for s in sources), arg
-                assert all(
-                    s in ("pyproject.toml", "scripts/requirements.py", "scripts/torch-index.sh")
-                    for s in sources
-                )
-        # after it, the project alone: its dependencies are already there
-        assert steps[source + 1 :] == [("RUN", "pip install --no-deps .")], name
-    assert "torch-index.sh" in " ".join(parsed["build-cpu"].of("RUN"))
+    steps = parsed["build"].steps
+    assert ("ARG", "EXTRA") in steps
+    source = steps.index(("COPY", ". ."))
+    deps = next(i for i, (ins, arg) in enumerate(steps) if ins == "RUN" and "-r /opt/requirements.txt" in arg)
+    assert deps < source
+    assert 'scripts/requirements.py "$EXTRA"' in steps[deps][1]
+    # the CPU torch index and the removal of PyPI's CUDA torchvision & co. are for EXTRA=cpu only
+    assert '[ "$EXTRA" = cpu ]; then scripts/torch-index.sh' in steps[deps][1]
+    assert '[ "$EXTRA" = cpu ]; then pip uninstall -y torchvision' in steps[deps][1]
+    # before the source only the files the dependency list comes from, each of them present
+    for ins, arg in steps[:source]:
+        if ins == "COPY":
+            *sources, _dest = arg.split()
+            assert all((ROOT / s).is_file() for s in sources), arg
+            assert all(
+                s in ("pyproject.toml", "scripts/requirements.py", "scripts/torch-index.sh") for s in sources
+            )
+    # after it, the project alone: its dependencies are already there
+    assert steps[source + 1 :] == [("RUN", "pip install --no-deps .")]
 
 
 def test_weights_and_local_state_stay_out_of_the_build_context() -> None:
