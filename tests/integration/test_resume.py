@@ -178,6 +178,10 @@ async def test_a_stalled_engine_core_resumes_within_the_stall_time(mesh: Mesh) -
     await mesh.whole()
     async with grpc.aio.insecure_channel(mesh.gateway) as channel:
         stub = pb_grpc.GatewayStub(channel)
+        reference = [Stream() for _ in range(4)]
+        await asyncio.gather(
+            *(r.run(stub, _request(p, 300)) for r, p in zip(reference, PROMPTS, strict=False))
+        )
         streams = [Stream() for _ in range(4)]
         tasks = [
             asyncio.create_task(s.run(stub, _request(p, 300))) for s, p in zip(streams, PROMPTS, strict=False)
@@ -196,9 +200,13 @@ async def test_a_stalled_engine_core_resumes_within_the_stall_time(mesh: Mesh) -
         finally:
             with contextlib.suppress(psutil.Error):
                 core.resume()
+    other = next(a for a in mesh.code if a != victim)
     seams = [seam for s in streams if s.messages[0].route.address == victim for seam in s.seams]
-    assert seams and all("engine stalled" in seam.cause for seam in seams)
+    assert seams and all("engine stalled" in seam.cause for seam in seams)  # the watchdog's
+    assert all(seam.resumed_address == other for seam in seams)  # on the other replica
     assert all(s.messages[-1].usage.completion_tokens == 300 for s in streams)
+    for stream, ref in zip(streams, reference, strict=True):  # token-exact across the seam
+        assert stream.token_ids == ref.token_ids
     done_s = time.monotonic() - stopped
     print(f"\nengine core SIGSTOPped: {len(seams)} streams resumed, all done {done_s:.1f} s after")
     await mesh.whole()
@@ -218,9 +226,19 @@ async def test_resume_any_continues_on_the_fallback_model(mesh: Mesh) -> None:
     assert seam.resumed_expert_id == "general_tiny" and seam.resumed_address == mesh.general
     before = [m for m in stream.messages if m.expert_id == "code_tiny"]
     after = [m for m in stream.messages if m.expert_id == "general_tiny"]
-    assert before and after and stream.messages == [*before, *after]  # one seam, nothing repeated
+    assert before and after and stream.messages == [*before, *after]  # one seam
     last = stream.messages[-1]
     assert last.usage.completion_tokens == 300 == len(stream.token_ids)
+    # Continuous, nothing repeated or missing: after the seam the caller got exactly what the
+    # fallback's model writes, greedily, after the prompt and the text streamed before it.
+    streamed = "".join(m.text for m in before)
+    done = sum(len(m.token_ids) for m in before)
+    async with grpc.aio.insecure_channel(mesh.general) as channel:
+        direct = pb_grpc.ExpertStub(channel).Generate(
+            _request(PROMPTS[0] + streamed, 300 - done), timeout=120
+        )
+        expected = "".join([m.text async for m in direct])
+    assert "".join(m.text for m in after) == expected
     await mesh.whole()
 
 
