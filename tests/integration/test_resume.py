@@ -16,7 +16,7 @@ import signal
 import subprocess
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
@@ -54,6 +54,12 @@ class Mesh:
                 ):
                     return child.pid
         raise LookupError(address)
+
+    def engine_core(self, address: str) -> psutil.Process:
+        """The vLLM engine core process of the expert at ``address``."""
+        tree = psutil.Process(self.pid_at(address)).children(recursive=True)
+        (core,) = [p for p in tree if vllm_role(p) == "EngineCore"]
+        return core
 
     async def whole(self) -> None:
         for address in [*self.code, self.general, self.gateway]:
@@ -174,42 +180,70 @@ async def test_kill_9_mid_stream_resumes_token_exact_on_the_other_replica(mesh: 
     await mesh.whole()  # up restarted the killed replica
 
 
-async def test_a_stalled_engine_core_resumes_within_the_stall_time(mesh: Mesh) -> None:
+def _suspend(process: psutil.Process) -> Callable[[], None]:
+    process.suspend()
+    return process.resume
+
+
+def _kill(process: psutil.Process) -> Callable[[], None]:
+    process.kill()
+    return lambda: None
+
+
+async def _fault_mid_stream(
+    mesh: Mesh, count: int, fault: Callable[[str], Callable[[], None]]
+) -> list[pb.Seam]:
+    """``count`` greedy streams of 300 tokens run once uninterrupted (the reference), then again
+    with ``fault(address)`` done to the replica serving most of them once each has had 20
+    tokens (what it returns undoes it when all have ended); returns the seams."""
     await mesh.whole()
     async with grpc.aio.insecure_channel(mesh.gateway) as channel:
         stub = pb_grpc.GatewayStub(channel)
-        reference = [Stream() for _ in range(4)]
+        reference, streams = [Stream() for _ in range(count)], [Stream() for _ in range(count)]
         await asyncio.gather(
             *(r.run(stub, _request(p, 300)) for r, p in zip(reference, PROMPTS, strict=False))
         )
-        streams = [Stream() for _ in range(4)]
         tasks = [
             asyncio.create_task(s.run(stub, _request(p, 300))) for s, p in zip(streams, PROMPTS, strict=False)
         ]
         await asyncio.wait_for(asyncio.gather(*(s.reached.wait() for s in streams)), 120)
         victim = Counter(s.messages[0].route.address for s in streams).most_common(1)[0][0]
-        (core,) = [
-            p
-            for p in psutil.Process(mesh.pid_at(victim)).children(recursive=True)
-            if vllm_role(p) == "EngineCore"
-        ]
-        core.suspend()
-        stopped = time.monotonic()
+        undo = fault(victim)
         try:
             await asyncio.wait_for(asyncio.gather(*tasks), 180)
         finally:
             with contextlib.suppress(psutil.Error):
-                core.resume()
+                undo()
     other = next(a for a in mesh.code if a != victim)
     seams = [seam for s in streams if s.messages[0].route.address == victim for seam in s.seams]
-    assert seams and all("engine stalled" in seam.cause for seam in seams)  # the watchdog's
-    assert all(seam.resumed_address == other for seam in seams)  # on the other replica
-    assert all(s.messages[-1].usage.completion_tokens == 300 for s in streams)
+    assert seams and all(seam.resumed_address == other for seam in seams)  # on the other replica
     for stream, ref in zip(streams, reference, strict=True):  # token-exact across the seam
         assert stream.token_ids == ref.token_ids
-    done_s = time.monotonic() - stopped
-    print(f"\nengine core SIGSTOPped: {len(seams)} streams resumed, all done {done_s:.1f} s after")
+        assert stream.messages[-1].usage.completion_tokens == 300
+    return seams
+
+
+async def test_a_stalled_engine_core_resumes_within_the_stall_time(mesh: Mesh) -> None:
+    seams = await _fault_mid_stream(mesh, 4, lambda a: _suspend(mesh.engine_core(a)))
+    assert all("engine stalled" in seam.cause for seam in seams)  # the expert's watchdog
+    print(f"\nengine core SIGSTOPped: {len(seams)} streams resumed ({seams[0].cause})")
     await mesh.whole()
+
+
+async def test_a_frozen_replica_process_is_left_by_the_links_keepalive(mesh: Mesh) -> None:
+    # SIGSTOP of the whole expert process: no watchdog of its own runs, no connection resets;
+    # the gateway's keepalive pings (rpc.CHANNEL_OPTIONS) go unanswered and close the link.
+    seams = await _fault_mid_stream(mesh, 2, lambda a: _suspend(psutil.Process(mesh.pid_at(a))))
+    assert all(seam.cause.startswith("UNAVAILABLE") for seam in seams), seams
+    print(f"\nexpert process SIGSTOPped: {len(seams)} streams resumed ({seams[0].cause})")
+    await mesh.whole()
+
+
+async def test_an_engine_that_dies_mid_stream_resumes_on_the_other_replica(mesh: Mesh) -> None:
+    # kill -9 of the engine core only: its expert answers UNAVAILABLE naming the death, then exits.
+    seams = await _fault_mid_stream(mesh, 2, lambda a: _kill(mesh.engine_core(a)))
+    assert all("engine died" in seam.cause for seam in seams), seams
+    await mesh.whole()  # up restarted the expert
 
 
 async def test_resume_any_continues_on_the_fallback_model(mesh: Mesh) -> None:
@@ -245,9 +279,7 @@ async def test_resume_any_continues_on_the_fallback_model(mesh: Mesh) -> None:
 async def test_hedging_beats_a_replica_whose_first_token_is_late(mesh: Mesh) -> None:
     await mesh.whole()
     slow = mesh.code[0]  # both idle: the first replica in order takes the request
-    (core,) = [
-        p for p in psutil.Process(mesh.pid_at(slow)).children(recursive=True) if vllm_role(p) == "EngineCore"
-    ]
+    core = mesh.engine_core(slow)
     core.suspend()
     try:
         async with grpc.aio.insecure_channel(mesh.gateway) as channel:
