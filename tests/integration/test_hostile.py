@@ -1,6 +1,6 @@
 """Hostile callers against a real mesh (``expertmesh up``, two tiny engines): every bad request is
-refused with a precise status before it costs anything, neighbours' streams are untouched, and a
-1 000-stream burst is shed, not crashed on.
+refused with a precise status before it costs anything, callers' deadlines never eject an expert,
+neighbours' streams are untouched, and a 1 000-stream burst is shed, not crashed on.
 
 The table-driven suite goes through the gateway, straight to an expert, and as raw
 ``Multiplex`` frames; each case asserts the code and the details, and the mesh serves after.
@@ -201,6 +201,13 @@ async def _generate(address: str, stub_class: Any, request: pb.GenerateRequest) 
         return [m async for m in stub_class(channel).Generate(request, timeout=60)]
 
 
+async def _serves(address: str, stub_class: Any) -> None:
+    """The mesh serves after a hostile case: one token, end to end."""
+    request = _req(sampling={"max_tokens": 1, "ignore_eos": True})
+    messages = await _generate(address, stub_class, request)
+    assert (messages[-1].finish_reason, messages[-1].usage.completion_tokens) == ("length", 1)
+
+
 CASES = [("gateway", *c) for c in GATEWAY_CASES] + [("expert", *c) for c in EXPERT_CASES]
 
 
@@ -218,6 +225,28 @@ async def test_refused_precisely(
     assert err.value.code() == code, err.value.details()
     assert (err.value.details() or "").startswith(details), err.value.details()
     assert len(err.value.details() or "") < 1024  # client values are quoted cut short
+    await _serves(address, stub)
+
+
+async def test_callers_deadlines_never_eject_a_healthy_expert(mesh: Mesh) -> None:
+    """A caller's deadline is DEADLINE_EXCEEDED and not the replica's failure: more of them than
+    ``routing.eject_after_failures`` (3) leave the expert unejected, with no failure counted."""
+    request = pb.GenerateRequest(
+        prompt="go",
+        domain="general",
+        sampling=pb.SamplingParams(max_tokens=900, ignore_eos=True, temperature=0),
+    )
+    async with grpc.aio.insecure_channel(mesh.gateway) as channel:
+        stub = pb_grpc.GatewayStub(channel)
+        for _ in range(4):
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                async for _message in stub.Generate(request, timeout=0.25):
+                    pass
+            assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED, err.value.details()
+        listed = await stub.ListExperts(pb.ListExpertsRequest(), timeout=10)
+    (general,) = [e for e in listed.experts if e.expert_id == "general_tiny"]
+    assert [(r.ejections, r.consecutive_failures) for r in general.replicas] == [(0, 0)], general
+    await _serves(mesh.gateway, pb_grpc.GatewayStub)
 
 
 def _open(stream_id: int, timeout_s: float = 0.0) -> pb.StreamFrame:
@@ -249,9 +278,10 @@ async def test_raw_multiplex_frames_are_checked(
                 got.extend(batch.frames)
         except grpc.aio.AioRpcError as e:  # the call is ended: a protocol error
             assert (e.code(), (e.details() or "")[: len(details)]) == (INVALID, details)
-            return
-    ends = [f.end for f in got if f.HasField("end")]  # or only the stream fails
-    assert [(e.code, e.details[: len(details)]) for e in ends] == [(INVALID.value[0], details)]
+        else:
+            ends = [f.end for f in got if f.HasField("end")]  # or only the stream fails
+            assert [(e.code, e.details[: len(details)]) for e in ends] == [(INVALID.value[0], details)]
+    await _serves(mesh.expert, pb_grpc.ExpertStub)
 
 
 async def test_time_limit_ends_the_stream_normally(mesh: Mesh) -> None:
