@@ -17,6 +17,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import grpc
 import psutil
@@ -48,6 +49,8 @@ async def test_a_stalled_engine_fails_its_streams_and_the_expert(
             p for p in psutil.Process(proc.pid).children(recursive=True) if vllm_role(p) == "EngineCore"
         ]
         async with grpc.aio.insecure_channel(address) as channel:
+            watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(), timeout=120)
+            statuses = asyncio.create_task(_statuses(watch))
             request = pb.GenerateRequest(
                 prompt="go", sampling=pb.SamplingParams(max_tokens=900, ignore_eos=True, temperature=0)
             )
@@ -58,17 +61,30 @@ async def test_a_stalled_engine_fails_its_streams_and_the_expert(
             with pytest.raises(grpc.aio.AioRpcError) as err:
                 while True:
                     await anext(messages)
+            seen = await asyncio.wait_for(statuses, 60)  # the Watch ends as the process stops
         assert err.value.code() == grpc.StatusCode.UNAVAILABLE
         assert (err.value.details() or "").startswith(
             "expert stalling is FAILED: engine stalled: no output for"
         )
         assert "(stall_timeout_s=2)" in (err.value.details() or "")
         assert await asyncio.to_thread(proc.wait, 60) == 1  # exits so that it is restarted
+        # what its health said before it went: SERVING, then NOT_SERVING (never silence)
+        assert seen[0] == health_pb2.HealthCheckResponse.SERVING, seen
+        assert health_pb2.HealthCheckResponse.NOT_SERVING in seen, seen
     finally:
         if core is not None:
             with contextlib.suppress(psutil.Error):
                 core.resume()
         stop_group(proc)
+
+
+async def _statuses(watch: Any) -> list[int]:
+    """Every status a health Watch stream sent until it ended (or its server went away)."""
+    seen: list[int] = []
+    with contextlib.suppress(grpc.aio.AioRpcError):
+        async for reply in watch:
+            seen.append(reply.status)
+    return seen
 
 
 async def _serving_pid(out: Path, name: str, after: int = 0) -> int:
