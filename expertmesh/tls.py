@@ -140,9 +140,12 @@ def expert_server_certs(config: MeshConfig, expert_id: str) -> ServerCerts | Non
     return ServerCerts(pair, config.internal_tls.ca_file)
 
 
-def link_security(config: MeshConfig) -> tuple[grpc.ChannelCredentials | None, list[tuple[str, str]]]:
-    """The gateway's channel credentials towards experts and the channel options they need."""
-    internal, pair = config.internal_tls, config.gateway_cert()
+def link_security(
+    config: MeshConfig, pair: CertPair | None = None
+) -> tuple[grpc.ChannelCredentials | None, list[tuple[str, str]]]:
+    """Channel credentials towards experts and the channel options they need: the mesh CA and
+    ``pair`` as the client certificate (default: the gateway's); plaintext without internal_tls."""
+    internal, pair = config.internal_tls, pair or config.gateway_cert()
     if internal is None or pair is None:
         return None, []
     key, chain = load_pair(pair)
