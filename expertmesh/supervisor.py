@@ -17,6 +17,12 @@ within one grace period; SIGKILL to any group or recorded descendant still alive
 over: no orphans. A process that dies is restarted with exponential backoff up to
 ``max_restarts``; one that served and then answers no health check for
 ``unresponsive_restart_s`` (hung, or SIGSTOPped) is killed and restarted the same way.
+
+Reload (SIGHUP): the config file is read and validated again (an invalid one is refused and
+nothing changes); the gateway re-reads it (SIGHUP); experts removed from it are stopped with
+grace (each turns NOT_SERVING at once, so the gateway routes past it, and finishes its streams);
+new experts are started as at start; an expert whose settings changed is stopped and started
+again with them (:mod:`expertmesh.reconcile`); the others keep running.
 """
 
 from __future__ import annotations
@@ -28,16 +34,15 @@ import signal
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from expertmesh import autogroup, procs
-from expertmesh.config import MeshConfig
-from expertmesh.logs import log_tail
-from expertmesh.services.expert.ipc_dir import remove_left_by
+from expertmesh.child import Child, alive, kill_group, signal_group
+from expertmesh.config import ConfigError, MeshConfig, load_config
+from expertmesh.reconcile import diff
 from expertmesh.tls import TlsError, probe_channel
 from expertmesh.v1 import expertmesh_pb2 as pb
 from expertmesh.v1 import expertmesh_pb2_grpc as pb_grpc
@@ -55,42 +60,6 @@ WATCH_CHANNEL_OPTIONS = [("grpc.initial_reconnect_backoff_ms", 200), ("grpc.max_
 STABLE_AFTER_S = 600.0
 
 
-@dataclass
-class Child:
-    """One supervised process."""
-
-    name: str
-    argv: list[str]
-    address: str
-    log_path: Path
-    proc: asyncio.subprocess.Process | None = None
-    started_at: float = 0.0
-    health: str = "STARTING"
-    ready_after_s: float | None = None
-    restarts: int = 0
-    gave_up: str = ""
-    is_expert: bool = False
-    #: An expert's load failure, as its Info reports it (state FAILED, last_error).
-    failure: str = ""
-    family: procs.Family | None = None  # its process group and every descendant seen
-
-    def tail(self, lines: int = 15) -> str:
-        """The last lines of this child's log, to show why it failed."""
-        return log_tail(self.log_path, lines)
-
-    @property
-    def settled(self) -> bool:
-        """SERVING, FAILED, or given up: nothing more will happen without an operator."""
-        return self.health == "SERVING" or bool(self.failure or self.gave_up)
-
-    def last_error(self) -> str:
-        """The last line of the log that reports an error: the likely reason it exited."""
-        for line in reversed(self.tail(200).splitlines()):
-            if "ERROR" in line or "error" in line or "Error" in line:
-                return line.strip()
-        return ""
-
-
 Report = Callable[[str], None]
 
 
@@ -102,29 +71,13 @@ class Supervisor:
         self.config_path = config_path
         self.report = report
         self.stopping = False
-        self._tasks: list[asyncio.Task[None]] = []
+        self.log_dir = log_dir
+        self._reloading = asyncio.Lock()
+        self._reloads: set[asyncio.Task[bool]] = set()
         log_dir.mkdir(parents=True, exist_ok=True)
         py = [sys.executable, "-m"]
         cfg = ["--config", str(config_path)]
-        self.experts = []
-        for i, e in enumerate(config.experts):
-            argv = [*py, "expertmesh.services.expert", *cfg, "--expert-id", e.expert_id]
-            for r, address in enumerate(config.local_addresses(i)):
-                # local_replicas: one process each, named and logged apart, restarted on its own
-                name, log_name = (
-                    (f"{e.expert_id}#{r}", f"{e.expert_id}-{r}")
-                    if e.local_replicas > 1
-                    else 2 * (e.expert_id,)
-                )
-                self.experts.append(
-                    Child(
-                        name,
-                        [*argv, "--replica", str(r)],
-                        address,
-                        log_dir / f"{log_name}.log",
-                        is_expert=True,
-                    )
-                )
+        self.experts = [c for e in config.experts for c in self._expert_children(config, e.expert_id)]
         gw_host = "127.0.0.1" if config.gateway.host in ("0.0.0.0", "::") else config.gateway.host
         self.gateway = Child(
             "gateway",
@@ -132,6 +85,23 @@ class Supervisor:
             f"{gw_host}:{config.gateway.port}",
             log_dir / "gateway.log",
         )
+
+    def _expert_children(self, config: MeshConfig, expert_id: str) -> list[Child]:
+        """The processes of one expert of ``config``: one per local replica."""
+        index = next(i for i, e in enumerate(config.experts) if e.expert_id == expert_id)
+        e = config.experts[index]
+        argv = [sys.executable, "-m", "expertmesh.services.expert", "--config", str(self.config_path)]
+        argv += ["--expert-id", expert_id]
+        children = []
+        for r, address in enumerate(config.local_addresses(index)):
+            # local_replicas: one process each, named and logged apart, restarted on its own
+            name, log_name = (
+                (f"{expert_id}#{r}", f"{expert_id}-{r}") if e.local_replicas > 1 else 2 * (expert_id,)
+            )
+            log_path = self.log_dir / f"{log_name}.log"
+            argv_r = [*argv, "--replica", str(r)]
+            children.append(Child(name, argv_r, address, log_path, is_expert=True, expert_id=expert_id))
+        return children
 
     @property
     def children(self) -> list[Child]:
@@ -186,9 +156,15 @@ class Supervisor:
         # Before the children start: they share this session's scheduling group (autogroup.py).
         self.report(autogroup.lower_session_weight(self.config.session_nice))
         for child in self.children:
-            await self._spawn(child)
-            self._tasks.append(asyncio.create_task(self._watch_health(child)))
-            self._tasks.append(asyncio.create_task(self._keep_alive(child)))
+            await self._launch(child)
+
+    async def _launch(self, child: Child) -> None:
+        """Spawn ``child`` and watch it: health transitions, restarts."""
+        await self._spawn(child)
+        child.tasks = [
+            asyncio.create_task(self._watch_health(child)),
+            asyncio.create_task(self._keepalive(child)),
+        ]
 
     async def _watch_health(self, child: Child) -> None:
         """Report health transitions (STARTING -> NOT_SERVING -> SERVING) as they happen; kill a
@@ -222,12 +198,12 @@ class Supervisor:
                     # for a while (imports, a preflight) and is not hung.
                     served = child.ready_after_s is not None and answered_at is not None
                     silent = time.monotonic() - answered_at if served and answered_at else 0.0
-                    if limit is not None and silent > limit and not self.stopping and _alive(child):
+                    if limit is not None and silent > limit and not self.stopping and alive(child):
                         self.report(
                             f"{child.name}: no answer to health checks for {silent:.0f} s "
                             f"(unresponsive_restart_s={limit:g}); killing it for a restart"
                         )
-                        _kill_group(child)  # _keep_alive sees it exit and restarts it
+                        kill_group(child)  # _keep_alive sees it exit and restarts it
                         answered_at = None
                 if status != child.health and not self.stopping:
                     child.health = status
@@ -260,14 +236,14 @@ class Supervisor:
         if child.family is not None:
             child.family.record()
 
-    async def _keep_alive(self, child: Child) -> None:
+    async def _keepalive(self, child: Child) -> None:
         """Restart a process that exits on its own, with exponential backoff, up to max_restarts."""
         while True:
             assert child.proc is not None
             code = await child.proc.wait()
             if self.stopping:
                 return
-            _kill_group(child)  # its engine processes must not outlive it
+            kill_group(child)  # its engine processes must not outlive it
             child.health = "EXITED"
             self.report(f"{child.name}: exited with code {code}; last log lines:\n{child.tail()}")
             if time.monotonic() - child.started_at >= STABLE_AFTER_S:
@@ -317,48 +293,89 @@ class Supervisor:
         return [c for c in self.children if c.failure or c.gave_up]
 
     def reload(self) -> None:
-        """Ask the gateway to re-read the config file (it validates before applying)."""
-        self.report("reloading the gateway's config (SIGHUP)")
-        if self.gateway.proc is not None and self.gateway.proc.returncode is None:
-            self.gateway.proc.send_signal(signal.SIGHUP)
+        """Re-read the config file and apply it (module docstring), in the background; reloads
+        requested while one runs follow it in turn."""
+        task = asyncio.create_task(self.apply_reload())
+        self._reloads.add(task)
+        task.add_done_callback(self._reloads.discard)
+
+    async def apply_reload(self) -> bool:
+        """Validate the config file; if valid, have the gateway re-read it, stop removed experts,
+        start new ones, restart changed ones. False (and nothing changed) when it is invalid."""
+        async with self._reloading:
+            if self.stopping:
+                return False
+            try:
+                config = load_config(self.config_path)
+            except ConfigError as e:
+                self.report(f"config reload rejected, nothing changed: {e}")
+                return False
+            changes = diff(self.config, config)
+            self.report(
+                f"config reload: experts added {changes.added or 'none'}, removed "
+                f"{changes.removed or 'none'}, changed {changes.changed or 'none'}"
+            )
+            if changes.mesh_keys:
+                keys = ", ".join(changes.mesh_keys)
+                self.report(f"config reload: {keys} reach the running experts only when they restart")
+            self.config = config
+            self.report("config reload: the gateway re-reads the config (SIGHUP)")
+            if alive(self.gateway):
+                assert self.gateway.proc is not None
+                self.gateway.proc.send_signal(signal.SIGHUP)
+            await self._start_experts(config, changes.added)  # first: their loads take longest
+            leaving = {*changes.removed, *changes.changed}
+            for child in [c for c in self.experts if c.expert_id in leaving]:
+                why = "removed" if child.expert_id in changes.removed else "settings changed"
+                self.report(f"{child.name}: {why}; stopping it (NOT_SERVING, streams finish, grace)")
+                await self._retire(child)
+            self.experts = [c for c in self.experts if c.expert_id not in leaving]
+            await self._start_experts(config, list(changes.changed))  # the port is free now
+            return True
+
+    async def _start_experts(self, config: MeshConfig, expert_ids: list[str]) -> None:
+        for expert_id in expert_ids:
+            for child in self._expert_children(config, expert_id):
+                self.experts.append(child)
+                await self._launch(child)
+
+    async def _retire(self, child: Child) -> None:
+        """Stop one child for good: no restart, SIGTERM, the grace period, then SIGKILL."""
+        for task in child.tasks:
+            task.cancel()
+        self._record_descendants(child)
+        signal_group(child, signal.SIGTERM)
+        if child.proc is not None:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(child.proc.wait(), self.config.grace_period_s)
+        await self._reap(child)
+
+    async def _reap(self, child: Child) -> None:
+        """SIGKILL what is left of ``child`` and reap it (while the loop still runs: asyncio's
+        child watcher needs it)."""
+        kill_group(child)
+        if child.proc is not None:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(child.proc.wait(), 5)
+        self.report(f"{child.name}: stopped (exit code {child.proc.returncode if child.proc else '-'})")
 
     async def stop(self) -> None:
         """SIGTERM every process group, wait the grace period, SIGKILL whatever is left."""
         self.stopping = True
-        for task in self._tasks:
+        for task in [*self._reloads, *(t for c in self.children for t in c.tasks)]:
             task.cancel()
+        async with self._reloading:  # a reload's own stop or start has ended
+            pass
         deadline = time.monotonic() + self.config.grace_period_s
         # The gateway first: it stops taking requests while the experts still serve its streams.
         for group in ([self.gateway], self.experts):
             for child in group:
                 self._record_descendants(child)
-                _signal_group(child, signal.SIGTERM)
+                signal_group(child, signal.SIGTERM)
             for child in group:
                 if child.proc is None:
                     continue
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(child.proc.wait(), max(deadline - time.monotonic(), 0.01))
         for child in self.children:
-            _kill_group(child)
-            if child.proc is not None:
-                # Reap it while the loop still runs (asyncio's child watcher needs the loop).
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(child.proc.wait(), 5)
-            self.report(f"{child.name}: stopped (exit code {child.proc.returncode if child.proc else '-'})")
-
-
-def _alive(child: Child) -> bool:
-    return child.proc is not None and child.proc.returncode is None
-
-
-def _signal_group(child: Child, sig: int) -> None:
-    if child.family is not None and _alive(child):
-        child.family.signal(sig)
-
-
-def _kill_group(child: Child) -> None:
-    """SIGKILL the child's process group and every descendant recorded for it."""
-    if child.family is not None:
-        child.family.kill()
-    if child.proc is not None:
-        remove_left_by(child.proc.pid)  # an expert killed (OOM, kill -9) could not remove it
+            await self._reap(child)

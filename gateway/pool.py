@@ -13,6 +13,7 @@ from expertmesh.tls import TlsError, link_files, link_security
 
 from .ejection import Ejection
 from .link import ExpertLink
+from .replica import STARTING
 
 log = logging.getLogger(__name__)
 
@@ -94,9 +95,10 @@ class Pool:
             for expert_id, addresses in replica_addresses(config).items()
         }
         previous = {(link.expert_id, link.address): link for link in self.links()}
+        reloading = bool(previous)
         # replicas add_replica gave an expert stay (a renewal reopens them with the new certificates)
         added = {key: link.server_name for key, link in previous.items() if key in self._added}
-        current = {} if renew else previous
+        current = {} if renew else dict(previous)
         if renew:
             self.renewals += 1
             log.info("link certificates changed: renewing the links to every expert")
@@ -110,6 +112,10 @@ class Pool:
                 link = current.pop((expert_id, address), None)
                 if link is None:
                     link = self._open(expert_id, address, server_name)
+                    if reloading and (expert_id, address) not in previous:
+                        # added by a reload: often a process `up` is only starting, routed to
+                        # once its health watch reports SERVING (not while unknown, as at start)
+                        link.health = STARTING
                 _configure(link, routing)
                 replicas[expert_id].append(link)
         for link in current.values():

@@ -18,6 +18,10 @@ from .ejection import Ejection
 log = logging.getLogger(__name__)
 
 
+#: The health of a replica added by a config reload until its first report: not routed to.
+STARTING = "STARTING"
+
+
 class Replica:
     """One replica address of one expert, and what is known of it."""
 

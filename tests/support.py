@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import subprocess
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -12,11 +14,13 @@ import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from expertmesh import demo_models
+from expertmesh.config import MeshConfig
 from expertmesh.procs import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 VENV_BIN = REPO / ".venv" / "bin"
 GRPCURL = str(VENV_BIN / "grpcurl")
+EXPERTMESH = str(VENV_BIN / "expertmesh")
 
 
 def demo_expert(expert_id: str, domain: str, model: str = "demo-general", **extra: Any) -> dict[str, Any]:
@@ -61,3 +65,26 @@ async def wait_serving(address: str, timeout: float = 300.0) -> None:
             return
         await asyncio.sleep(0.25)
     raise TimeoutError(f"{address} not SERVING after {timeout} s")
+
+
+@dataclass
+class Up:
+    """A running `expertmesh up` and where its output goes."""
+
+    proc: subprocess.Popen[bytes]
+    config: MeshConfig
+    output: Path
+
+    def text(self) -> str:
+        return self.output.read_text(errors="replace")
+
+    async def wait_for_line(self, fragment: str, timeout: float = 60) -> str:
+        """The first output line containing ``fragment`` (the output is read as it grows)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if lines := [line for line in self.text().splitlines() if fragment in line]:
+                return lines[0]
+            if self.proc.poll() is not None and fragment not in self.text():
+                break
+            await asyncio.sleep(0.2)
+        raise AssertionError(f"no line with {fragment!r} in the output of up:\n{self.text()}")

@@ -11,9 +11,7 @@ import asyncio
 import json
 import signal
 import subprocess
-import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -21,38 +19,14 @@ import pytest
 
 from expertmesh import procs
 from expertmesh.client import MeshClient
-from expertmesh.config import MeshConfig, load_config
+from expertmesh.config import load_config
 from expertmesh.v1 import expertmesh_pb2 as pb
 
 from ..expert_support import stop_group, wait_state
-from ..support import VENV_BIN, demo_expert, wait_serving, write_config
+from ..support import EXPERTMESH, Up, demo_expert, wait_serving, write_config
 
 pytestmark = pytest.mark.engine
-EXPERTMESH = str(VENV_BIN / "expertmesh")
 CAUSE = "config.json is not valid JSON"
-
-
-@dataclass
-class Up:
-    """A running `expertmesh up` and where its output goes."""
-
-    proc: subprocess.Popen[bytes]
-    config: MeshConfig
-    output: Path
-
-    def text(self) -> str:
-        return self.output.read_text(errors="replace")
-
-    async def wait_for_line(self, fragment: str, timeout: float = 60) -> str:
-        """The first output line containing ``fragment`` (the output is read as it grows)."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if lines := [line for line in self.text().splitlines() if fragment in line]:
-                return lines[0]
-            if self.proc.poll() is not None and fragment not in self.text():
-                break
-            await asyncio.sleep(0.2)
-        raise AssertionError(f"no line with {fragment!r} in the output of up:\n{self.text()}")
 
 
 def _mesh(tmp: Path) -> Path:

@@ -14,7 +14,7 @@ from ..support import REPO
 #: Source folder -> the package it is (pyproject.toml's package-dir).
 FOLDERS = {"expertmesh": "expertmesh", "gateway": "expertmesh.gateway", "services": "expertmesh.services"}
 #: The parts that run the others: entry points, the supervisor, the preflight, the benchmark.
-TOP = ("expertmesh.cli", "expertmesh.supervisor", "expertmesh.probe", "expertmesh.bench")
+TOP = ("expertmesh.cli", "expertmesh.supervisor", "expertmesh.child", "expertmesh.probe", "expertmesh.bench")
 SERVERS = ("expertmesh.gateway", "expertmesh.services")
 #: The one exception: the preflight checks the gateway's tokens file with the gateway's own
 #: parser, so that the check and the gateway cannot disagree on a line.

@@ -5,6 +5,7 @@ stream is an answer. The real gateway servicer over fake experts whose state is 
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -236,3 +237,39 @@ async def test_pool_add_and_remove_a_replica(mesh_of: Any) -> None:
         assert added not in pool._retired
     finally:
         await pool.close()
+
+
+async def test_an_expert_added_by_a_reload_is_routed_to_only_once_serving() -> None:
+    """A reload's new expert (a process `up` is only starting) is skipped, its domain falls back,
+    until its health watch reports SERVING; then it takes its domain's requests."""
+    general, code = FakeServer("general"), FakeServer("code")
+    await general.start()
+    entry = {"domain": "general", "model_path": "/models/general", "address": general.address}
+    before = MeshConfig.model_validate({"experts": [{"expert_id": "general", **entry}]})
+    after = MeshConfig.model_validate(
+        {
+            "experts": [
+                {"expert_id": "general", **entry},
+                {"expert_id": "code", "domain": "code", "model_path": "/m/code", "address": code.address},
+            ],
+            "routing": {"fallbacks": {"code": ["general"]}},
+        }
+    )
+    pool = Pool()
+    try:
+        pool.apply(before)
+        pool.apply(after)
+        (added,) = pool.of("code")
+        assert added.health == "STARTING" and not added.available()
+        route = await Router(after).route(pb.GenerateRequest(prompt="x", domain="code"))
+        first = plan(route, pool.of, after.routing).first()
+        assert first is not None and first.replica is not None and first.replica.expert_id == "general"
+        await code.start()
+        while not added.serving:  # until its health watch reports it (a report replaces the event)
+            await asyncio.wait_for(added.changed.wait(), 30)
+        first = plan(route, pool.of, after.routing).first()
+        assert first is not None and first.replica is added
+    finally:
+        await pool.close()
+        await general.stop()
+        await code.stop()

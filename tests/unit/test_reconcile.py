@@ -1,0 +1,59 @@
+"""What a config reload changes for `expertmesh up` (expertmesh.reconcile), and an invalid
+config refused with the field named and nothing changed (no process is started here; the
+reload with real processes is tests/integration/test_up_reload.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from expertmesh.config import load_config
+from expertmesh.reconcile import diff
+from expertmesh.supervisor import Supervisor
+
+from ..support import write_config
+
+
+def expert(expert_id: str, domain: str, **extra: Any) -> dict[str, Any]:
+    return {"expert_id": expert_id, "domain": domain, "model_path": f"/m/{expert_id}", **extra}
+
+
+def test_diff_names_added_removed_and_changed_experts(tmp_path: Path) -> None:
+    old = load_config(write_config(tmp_path / "a.yaml", [expert("g", "general", port=7001)]))
+    new = load_config(
+        write_config(
+            tmp_path / "b.yaml",
+            [expert("g", "general", port=7001), expert("c", "code", port=7002)],
+            memory_budget_gib=8,
+        )
+    )
+    changes = diff(old, new)
+    assert (changes.added, changes.removed, changes.changed) == (["c"], [], {})
+    assert changes.mesh_keys == ["memory_budget_gib"]
+    back = diff(new, old)
+    assert (back.added, back.removed, back.changed) == ([], ["c"], {})
+    assert not diff(old, old)
+
+
+def test_diff_restarts_an_expert_whose_settings_or_assigned_address_changed(tmp_path: Path) -> None:
+    old = load_config(write_config(tmp_path / "a.yaml", [expert("g", "general"), expert("c", "code")]))
+    tuned = load_config(
+        write_config(tmp_path / "b.yaml", [expert("g", "general", max_model_len=512), expert("c", "code")])
+    )
+    assert diff(old, tuned).changed == {"g": ["max_model_len"]}
+    # c's port is assigned by its position: removing g moves it
+    moved = load_config(write_config(tmp_path / "c.yaml", [expert("c", "code")]))
+    changes = diff(old, moved)
+    assert changes.removed == ["g"] and changes.changed == {"c": ["address"]}
+
+
+async def test_an_invalid_reload_is_refused_and_nothing_changes(tmp_path: Path) -> None:
+    path = write_config(tmp_path / "mesh.yaml", [expert("g", "general")])
+    config = load_config(path)
+    said: list[str] = []
+    sup = Supervisor(config, path, tmp_path / "logs", said.append)
+    write_config(path, [expert("g", "general"), expert("c", "code", max_modle_len=512)])
+    assert await sup.apply_reload() is False
+    (line,) = said
+    assert line.startswith("config reload rejected, nothing changed") and "max_modle_len" in line, line
+    assert sup.config is config and [c.name for c in sup.experts] == ["g"]
