@@ -234,7 +234,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     up = sub.add_parser(
-        "up", help="start the gateway and every expert; Ctrl-C / SIGTERM stops all, SIGHUP reloads routing"
+        "up", help="start the gateway and every expert; Ctrl-C / SIGTERM stops all, SIGHUP reloads the config"
     )
     up.add_argument("--config", help=CONFIG_HELP)
     up.add_argument("--log-dir", help="where each process writes its log (default: a new temp folder)")
