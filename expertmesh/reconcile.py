@@ -1,9 +1,10 @@
 """What a config reload changes for ``expertmesh up``: the experts to start, stop or restart.
 
 An expert is known by its ``expert_id``. One whose entry is equal and whose addresses are the
-same is left running; one whose entry differs (any key: model, engine settings, port, replicas)
-or whose assigned addresses moved (``expert_base_port``, or experts added before it) is
-restarted with the new settings, since an engine's settings are fixed at its start.
+same is left running (keys only the gateway reads, such as ``replicas``, may differ); one whose
+entry differs in any other key (model, engine settings, port) or whose assigned addresses
+moved (``expert_base_port``, or experts added before it) is restarted with the new settings,
+since an engine's settings are fixed at its start.
 """
 
 from __future__ import annotations
@@ -15,6 +16,9 @@ from expertmesh.config import MeshConfig
 #: The mesh keys an expert reads at its start (besides its own entry): a change reaches the
 #: running experts only when they restart.
 EXPERT_MESH_KEYS = ("internal_tls", "limits", "memory_budget_gib", "allow_insecure")
+
+#: Keys of an expert's entry that only the gateway reads (what it dials): a change needs no restart.
+GATEWAY_ONLY_KEYS = frozenset({"description", "address", "replicas"})
 
 
 @dataclass
@@ -49,7 +53,7 @@ def diff(old: MeshConfig, new: MeshConfig) -> Changes:
     for expert_id, entry in after.items():
         if expert_id not in before:
             continue
-        keys = [k for k in entry if entry[k] != before[expert_id].get(k)]
+        keys = [k for k in entry if k not in GATEWAY_ONLY_KEYS and entry[k] != before[expert_id].get(k)]
         if not keys and new_at[expert_id] != old_at[expert_id]:
             keys = ["address"]
         if keys:

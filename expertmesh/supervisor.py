@@ -297,7 +297,12 @@ class Supervisor:
         requested while one runs follow it in turn."""
         task = asyncio.create_task(self.apply_reload())
         self._reloads.add(task)
-        task.add_done_callback(self._reloads.discard)
+        task.add_done_callback(self._reload_done)
+
+    def _reload_done(self, task: asyncio.Task[bool]) -> None:
+        self._reloads.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            self.report(f"config reload failed part-way: {task.exception()!r}")
 
     async def apply_reload(self) -> bool:
         """Validate the config file; if valid, have the gateway re-read it, stop removed experts,
@@ -323,32 +328,36 @@ class Supervisor:
             if alive(self.gateway):
                 assert self.gateway.proc is not None
                 self.gateway.proc.send_signal(signal.SIGHUP)
-            await self._start_experts(config, changes.added)  # first: their loads take longest
+            # Leaving experts stop first, all at once: a new or moved expert may be given a
+            # port one of them still holds, and must not share it with the old process.
             leaving = {*changes.removed, *changes.changed}
-            for child in [c for c in self.experts if c.expert_id in leaving]:
+            retired = [c for c in self.experts if c.expert_id in leaving]
+            for child in retired:
                 why = "removed" if child.expert_id in changes.removed else "settings changed"
                 self.report(f"{child.name}: {why}; stopping it (NOT_SERVING, streams finish, grace)")
-                await self._retire(child)
+                for task in child.tasks:
+                    task.cancel()
+            await self._terminate(retired, time.monotonic() + config.grace_period_s)
+            for child in retired:
+                await self._reap(child)
             self.experts = [c for c in self.experts if c.expert_id not in leaving]
-            await self._start_experts(config, list(changes.changed))  # the port is free now
+            for expert_id in [
+                e.expert_id for e in config.experts if e.expert_id in {*changes.added, *changes.changed}
+            ]:
+                for child in self._expert_children(config, expert_id):
+                    self.experts.append(child)
+                    await self._launch(child)
             return True
 
-    async def _start_experts(self, config: MeshConfig, expert_ids: list[str]) -> None:
-        for expert_id in expert_ids:
-            for child in self._expert_children(config, expert_id):
-                self.experts.append(child)
-                await self._launch(child)
-
-    async def _retire(self, child: Child) -> None:
-        """Stop one child for good: no restart, SIGTERM, the grace period, then SIGKILL."""
-        for task in child.tasks:
-            task.cancel()
-        self._record_descendants(child)
-        signal_group(child, signal.SIGTERM)
-        if child.proc is not None:
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(child.proc.wait(), self.config.grace_period_s)
-        await self._reap(child)
+    async def _terminate(self, children: list[Child], deadline: float) -> None:
+        """SIGTERM every child's process group at once, then wait for them until ``deadline``."""
+        for child in children:
+            self._record_descendants(child)
+            signal_group(child, signal.SIGTERM)
+        for child in children:
+            if child.proc is not None:
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(child.proc.wait(), max(deadline - time.monotonic(), 0.01))
 
     async def _reap(self, child: Child) -> None:
         """SIGKILL what is left of ``child`` and reap it (while the loop still runs: asyncio's
@@ -369,13 +378,6 @@ class Supervisor:
         deadline = time.monotonic() + self.config.grace_period_s
         # The gateway first: it stops taking requests while the experts still serve its streams.
         for group in ([self.gateway], self.experts):
-            for child in group:
-                self._record_descendants(child)
-                signal_group(child, signal.SIGTERM)
-            for child in group:
-                if child.proc is None:
-                    continue
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(child.proc.wait(), max(deadline - time.monotonic(), 0.01))
+            await self._terminate(group, deadline)
         for child in self.children:
             await self._reap(child)

@@ -112,9 +112,11 @@ class Pool:
                 link = current.pop((expert_id, address), None)
                 if link is None:
                     link = self._open(expert_id, address, server_name)
-                    if reloading and (expert_id, address) not in previous:
+                    was = previous.get((expert_id, address))
+                    if (reloading and was is None) or (was is not None and was.health == STARTING):
                         # added by a reload: often a process `up` is only starting, routed to
-                        # once its health watch reports SERVING (not while unknown, as at start)
+                        # once its health watch reports SERVING (not while unknown, as at start);
+                        # a renewal keeps the hold-out of one still STARTING
                         link.health = STARTING
                 _configure(link, routing)
                 replicas[expert_id].append(link)

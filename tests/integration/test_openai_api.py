@@ -458,7 +458,17 @@ async def test_the_callers_traceparent_is_continued(mesh: Mesh) -> None:
 async def another_gateway(expert_config: Path, folder: Path, **settings: Any) -> AsyncIterator[MeshConfig]:
     """One more in-process gateway over the same experts, with ``settings`` in its ``gateway``."""
     data = yaml.safe_load(expert_config.read_text())
-    data["gateway"] = {**data["gateway"], "port": free_port(), "http_port": free_port(), **settings}
+    base = load_config(expert_config)
+    # the experts' ports too: one that is down for a moment (a restart) is free to the kernel
+    taken = {int(a.rsplit(":", 1)[1]) for i in range(len(base.experts)) for a in base.local_addresses(i)}
+
+    def port() -> int:
+        while (p := free_port()) in taken:
+            pass
+        taken.add(p)
+        return p
+
+    data["gateway"] = {**data["gateway"], "port": port(), "http_port": port(), **settings}
     path = folder / "another.yaml"
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     config = load_config(path)

@@ -41,6 +41,13 @@ def test_diff_restarts_an_expert_whose_settings_or_assigned_address_changed(tmp_
         write_config(tmp_path / "b.yaml", [expert("g", "general", max_model_len=512), expert("c", "code")])
     )
     assert diff(old, tuned).changed == {"g": ["max_model_len"]}
+    # a replica elsewhere is the gateway's business: g's own process goes on
+    wider = load_config(
+        write_config(
+            tmp_path / "w.yaml", [expert("g", "general", replicas=["10.0.0.9:50051"]), expert("c", "code")]
+        )
+    )
+    assert not diff(old, wider)
     # c's port is assigned by its position: removing g moves it
     moved = load_config(write_config(tmp_path / "c.yaml", [expert("c", "code")]))
     changes = diff(old, moved)
@@ -57,3 +64,34 @@ async def test_an_invalid_reload_is_refused_and_nothing_changes(tmp_path: Path) 
     (line,) = said
     assert line.startswith("config reload rejected, nothing changed") and "max_modle_len" in line, line
     assert sup.config is config and [c.name for c in sup.experts] == ["g"]
+
+
+async def test_leaving_experts_stop_together_before_any_expert_starts(tmp_path: Path) -> None:
+    # n takes the port a held: it must not start while a's process may still hold it
+    path = write_config(
+        tmp_path / "mesh.yaml", [expert("a", "general"), expert("b", "code"), expert("c", "math")]
+    )
+    sup = Supervisor(load_config(path), path, tmp_path / "logs", lambda line: None)
+    steps: list[tuple[str, list[str]]] = []
+
+    async def terminate(children: list[Any], deadline: float) -> None:
+        steps.append(("terminate", [c.name for c in children]))
+
+    async def reap(child: Any) -> None:
+        steps.append(("reap", [child.name]))
+
+    async def launch(child: Any) -> None:
+        steps.append(("launch", [child.name]))
+
+    sup._terminate, sup._reap, sup._launch = terminate, reap, launch  # type: ignore[method-assign]
+    write_config(path, [expert("n", "general"), expert("c", "math", max_model_len=512)])
+    assert await sup.apply_reload() is True
+    assert steps == [
+        ("terminate", ["a", "b", "c"]),  # one SIGTERM round, one grace period for all
+        ("reap", ["a"]),
+        ("reap", ["b"]),
+        ("reap", ["c"]),
+        ("launch", ["n"]),
+        ("launch", ["c"]),
+    ]
+    assert [c.name for c in sup.experts] == ["n", "c"]

@@ -261,6 +261,11 @@ async def test_an_expert_added_by_a_reload_is_routed_to_only_once_serving() -> N
         pool.apply(after)
         (added,) = pool.of("code")
         assert added.health == "STARTING" and not added.available()
+        renew, pool._link_security = pool._link_security, lambda config: True  # type: ignore[method-assign]
+        pool.apply(after)  # a certificate renewal reopens every link: the hold-out stays
+        pool._link_security = renew  # type: ignore[method-assign]
+        (added,) = pool.of("code")
+        assert added.health == "STARTING" and not added.available()
         route = await Router(after).route(pb.GenerateRequest(prompt="x", domain="code"))
         first = plan(route, pool.of, after.routing).first()
         assert first is not None and first.replica is not None and first.replica.expert_id == "general"
