@@ -463,8 +463,9 @@ async def another_gateway(expert_config: Path, folder: Path, **settings: Any) ->
     taken = {int(a.rsplit(":", 1)[1]) for i in range(len(base.experts)) for a in base.local_addresses(i)}
 
     def port() -> int:
-        while (p := free_port()) in taken:
-            pass
+        p = free_port()
+        while p in taken:
+            p = free_port()
         taken.add(p)
         return p
 
