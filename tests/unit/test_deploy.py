@@ -307,8 +307,9 @@ def test_plaintext_rendering_uses_native_grpc_probes(tmp_path: Path) -> None:
     assert _container(_gateway(docs))["readinessProbe"]["grpc"] == {"port": mesh.gateway.port}
 
 
-def test_cpu_overlay_sizes_pods_from_the_preflight_estimate(tmp_path: Path) -> None:
-    """With the model folder readable (the demo models), memory comes from `expertmesh check`'s plan."""
+def test_cpu_overlay_sizes_pods_from_the_preflight_estimate(tmp_path: Path, real_model: Path) -> None:
+    """With the model folder readable (the demo model, built if missing), memory comes from
+    `expertmesh check`'s plan."""
     source = load_config(ROOT / "configs" / "demo.yaml")
     write(tmp_path, render(source, "configs/demo.yaml"))
     docs = kustomize(tmp_path / "overlays" / "cpu")
