@@ -75,23 +75,24 @@ class Supervisor:
         self._reloading = asyncio.Lock()
         self._reloads: set[asyncio.Task[bool]] = set()
         log_dir.mkdir(parents=True, exist_ok=True)
-        py = [sys.executable, "-m"]
-        cfg = ["--config", str(config_path)]
         self.experts = [c for e in config.experts for c in self._expert_children(config, e.expert_id)]
         gw_host = "127.0.0.1" if config.gateway.host in ("0.0.0.0", "::") else config.gateway.host
         self.gateway = Child(
             "gateway",
-            [*py, "expertmesh.gateway", *cfg],
+            self._module_argv("expertmesh.gateway"),
             f"{gw_host}:{config.gateway.port}",
             log_dir / "gateway.log",
         )
+
+    def _module_argv(self, module: str) -> list[str]:
+        """``python -m MODULE --config FILE`` with this interpreter, as every child is started."""
+        return [sys.executable, "-m", module, "--config", str(self.config_path)]
 
     def _expert_children(self, config: MeshConfig, expert_id: str) -> list[Child]:
         """The processes of one expert of ``config``: one per local replica."""
         index = next(i for i, e in enumerate(config.experts) if e.expert_id == expert_id)
         e = config.experts[index]
-        argv = [sys.executable, "-m", "expertmesh.services.expert", "--config", str(self.config_path)]
-        argv += ["--expert-id", expert_id]
+        argv = [*self._module_argv("expertmesh.services.expert"), "--expert-id", expert_id]
         children = []
         for r, address in enumerate(config.local_addresses(index)):
             # local_replicas: one process each, named and logged apart, restarted on its own
@@ -110,12 +111,21 @@ class Supervisor:
 
     async def _spawn(self, child: Child) -> None:
         with child.log_path.open("ab") as out:
-            child.proc = await procs.spawn_async(
-                child.argv,
-                stdin=asyncio.subprocess.DEVNULL,  # a background group reading the terminal would stop
-                stdout=out,
-                stderr=asyncio.subprocess.STDOUT,
+            spawning = asyncio.ensure_future(
+                procs.spawn_async(
+                    child.argv,
+                    stdin=asyncio.subprocess.DEVNULL,  # a background group reading the terminal would stop
+                    stdout=out,
+                    stderr=asyncio.subprocess.STDOUT,
+                )
             )
+            try:
+                child.proc = await asyncio.shield(spawning)
+            except asyncio.CancelledError:
+                # Stopping while it starts: keep the process, so that stop() can end it.
+                child.proc = await spawning
+                child.family = procs.Family(child.proc.pid)
+                raise
         child.family = procs.Family(child.proc.pid)
         child.started_at = time.monotonic()
         child.health = "STARTING"
@@ -371,10 +381,11 @@ class Supervisor:
     async def stop(self) -> None:
         """SIGTERM every process group, wait the grace period, SIGKILL whatever is left."""
         self.stopping = True
-        for task in [*self._reloads, *(t for c in self.children for t in c.tasks)]:
+        tasks = [*self._reloads, *(t for c in self.children for t in c.tasks)]
+        for task in tasks:
             task.cancel()
-        async with self._reloading:  # a reload's own stop or start has ended
-            pass
+        # Each ends where it was: a restart half-way through its spawn records its process first.
+        await asyncio.gather(*tasks, return_exceptions=True)
         deadline = time.monotonic() + self.config.grace_period_s
         # The gateway first: it stops taking requests while the experts still serve its streams.
         for group in ([self.gateway], self.experts):
