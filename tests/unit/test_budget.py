@@ -35,7 +35,7 @@ class Peer(pb_grpc.ExpertServicer):
         self.memory = PEER_BYTES
         self.busy = busy
         self.unloads: list[str] = []
-        self.callers_with_certificate: list[bool] = []
+        self.callers: list[str] = []  # the common name of each Info caller's certificate
 
     def _info(self) -> pb.InfoResponse:
         return pb.InfoResponse(
@@ -47,7 +47,9 @@ class Peer(pb_grpc.ExpertServicer):
         )
 
     async def Info(self, request: pb.InfoRequest, context: grpc.aio.ServicerContext) -> pb.InfoResponse:
-        self.callers_with_certificate.append(has_peer_certificate(context))
+        assert has_peer_certificate(context)
+        names = (context.auth_context() or {}).get("x509_common_name", [b""])
+        self.callers.append(names[0].decode())
         return self._info()
 
     async def Unload(self, request: pb.UnloadRequest, context: grpc.aio.ServicerContext) -> pb.InfoResponse:
@@ -101,7 +103,7 @@ async def test_budget_unloads_an_idle_peer_over_internal_tls(tmp_path: Path) -> 
         await budget.make_room(loading(mesh))
     finally:
         await server.stop(0)
-    assert peer.callers_with_certificate == [True]  # Info over mTLS with a's certificate
+    assert peer.callers == ["a"]  # Info over mTLS with a's own certificate, not the gateway's
     (reason,) = peer.unloads  # counted b's memory, and Unload (mesh certificates only) answered
     assert "made room for a" in reason
 

@@ -6,6 +6,7 @@ The resume itself (token-exact, on real engines) is proven in tests/integration/
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import grpc
@@ -86,6 +87,7 @@ async def test_a_stream_the_caller_cancelled_is_not_resumed(tmp_path: Path) -> N
         async with MeshClient(address, timeout=10) as client:
             # The cancelled attempt has ended; a resume would have opened a stream to the other.
             await wait_listed(client, first.address, lambda r: r.outstanding == 0)
+            await asyncio.sleep(0.5)  # room for a wrong resume to reach the other replica
             listed = {r.address: r for e in (await client.list_experts()).experts for r in e.replicas}
     assert listed[second.address].outstanding == 0 and second.expert.calls == 0
     assert listed[first.address].consecutive_failures == 0  # a cancel is not the replica's fault
