@@ -33,19 +33,16 @@ def token_logprobs(
 
 
 #: ``stream_interval: auto``: (streams in flight up to, tokens per message), first match wins.
-AUTO_SCHEDULE = ((4, 1), (16, 2), (64, 8), (math.inf, 16))
+AUTO_SCHEDULE = ((4, 1), (64, 8), (math.inf, 16))
 
 
 def stream_interval(in_flight: int, setting: int | str = "auto") -> int:
     """Tokens per stream message for a request admitted with ``in_flight`` streams running.
 
     A number in the config is used as is. ``auto``: every token the moment it exists while few
-    streams run; under load 2, 8 and at most 16 tokens per message, because every message
-    costs gRPC work in this process, in the gateway and in the client, and on a small CPU host
-    that work is taken from the engine (on two cores: at 128 streams 16 instead of 4 tokens per
-    message gave 13-20 % more tokens/s straight to the expert and 15-29 % through the gateway;
-    at 32 streams 8 instead of 4 took 0.02-0.06 cores off the expert and 0.02-0.03 off the
-    client for the same or more tokens/s).
+    streams run; under load 8, then at most 16 tokens per message, because every message costs
+    gRPC work in this process, in the gateway and in the client, and on a small CPU host that
+    work is taken from the engine (bench/HISTORY.md has the rounds behind each step).
     vLLM does the coalescing (``SamplingParams.stream_interval``): the first token still goes
     out at once and the last message carries whatever is left.
     """

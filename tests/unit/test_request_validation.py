@@ -219,7 +219,7 @@ def test_demo_model_template_renders(demo_models: list[Path]) -> None:
 def test_tokens_are_coalesced_only_under_load() -> None:
     from expertmesh.services.expert.stream import stream_interval
 
-    schedule = {0: 1, 1: 1, 4: 1, 5: 2, 16: 2, 17: 8, 32: 8, 64: 8, 65: 16, 128: 16}
+    schedule = {0: 1, 1: 1, 4: 1, 5: 8, 16: 8, 32: 8, 64: 8, 65: 16, 128: 16}
     assert {n: stream_interval(n) for n in schedule} == schedule
     assert [stream_interval(n, 1) for n in (1, 128)] == [1, 1]  # configured: fixed
     assert stream_interval(128, 3) == 3
