@@ -32,9 +32,6 @@ class Changes:
     #: mesh keys of EXPERT_MESH_KEYS that changed
     mesh_keys: list[str] = field(default_factory=list)
 
-    def __bool__(self) -> bool:
-        return bool(self.added or self.removed or self.changed)
-
 
 def _addresses(config: MeshConfig) -> dict[str, list[str]]:
     return {e.expert_id: config.local_addresses(i) for i, e in enumerate(config.experts)}

@@ -32,7 +32,8 @@ def test_diff_names_added_removed_and_changed_experts(tmp_path: Path) -> None:
     assert changes.mesh_keys == ["memory_budget_gib"]
     back = diff(new, old)
     assert (back.added, back.removed, back.changed) == ([], ["c"], {})
-    assert not diff(old, old)
+    same = diff(old, old)
+    assert (same.added, same.removed, same.changed, same.mesh_keys) == ([], [], {}, [])
 
 
 def test_diff_restarts_an_expert_whose_settings_or_assigned_address_changed(tmp_path: Path) -> None:
@@ -47,7 +48,8 @@ def test_diff_restarts_an_expert_whose_settings_or_assigned_address_changed(tmp_
             tmp_path / "w.yaml", [expert("g", "general", replicas=["10.0.0.9:50051"]), expert("c", "code")]
         )
     )
-    assert not diff(old, wider)
+    elsewhere = diff(old, wider)
+    assert (elsewhere.added, elsewhere.removed, elsewhere.changed) == ([], [], {})
     # c's port is assigned by its position: removing g moves it
     moved = load_config(write_config(tmp_path / "c.yaml", [expert("c", "code")]))
     changes = diff(old, moved)
